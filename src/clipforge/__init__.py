@@ -1,0 +1,3 @@
+"""clipforge: pretrain CLIP-style models at scale."""
+
+__version__ = "0.1.0"

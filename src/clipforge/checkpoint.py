@@ -1,0 +1,184 @@
+"""Run-directory layout, resume resolution, client state and exported weights.
+
+    RUN_DIR/
+      config.yaml          resolved config of the run (rewritten at each start)
+      meta.json            git revision, world size, clipforge version
+      metrics.jsonl        one line per logged step
+      tokenizer.model      the sentencepiece model the text tower was trained with
+      checkpoints/         DeepSpeed tags step_00000100/ ... and DeepSpeed's `latest` pointer
+      model.safetensors    fp32 weights of the newest checkpoint (model only, no optimizer)
+
+Client state saved beside DeepSpeed's shards: step, samples seen, loader position, and the
+RNG states of python, numpy and torch, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+import clipforge
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def ckpt_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def snapshot_run(run_dir: Path, cfg: Any, world_size: int) -> None:
+    """Resolved config and git revision into the run directory (rank 0 only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    meta = {
+        "git_revision": git_revision(),
+        "clipforge_version": clipforge.__version__,
+        "world_size": world_size,
+        "torch": torch.__version__,
+    }
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def list_tags(run_dir: str | Path) -> list[str]:
+    root = ckpt_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None) -> tuple[Path, str] | None:
+    """`latest` -> newest complete tag in run_dir; a path -> that tag directory; None -> fresh."""
+    if not resume:
+        return None
+    if resume == "latest":
+        root = ckpt_dir(run_dir)
+        pointer = root / "latest"
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if (root / tag).is_dir():
+                return root, tag
+        tags = list_tags(run_dir)
+        return (root, tags[-1]) if tags else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint directory")
+    if _TAG.match(path.name):
+        return path.parent, path.name
+    if (path / "checkpoints").is_dir():
+        return resolve_resume(path, "latest")
+    raise FileNotFoundError(f"resume={resume}: not a run directory or a step_NNNNNNNN checkpoint")
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's key array travels as a tensor so that loading needs no pickle (weights_only).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rank_state(root: Path, tag: str, rank: int, state: dict[str, Any]) -> None:
+    """Per-rank client state (loader position and RNG differ by rank; DeepSpeed's client_state
+    is written by rank 0 only). Written before DeepSpeed's shards and `latest` pointer, so a
+    tag that `latest` names always has them."""
+    path = Path(root) / tag / f"client_rank{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_rank_state(root: Path, tag: str, rank: int) -> dict[str, Any]:
+    path = Path(root) / tag / f"client_rank{rank:05d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} missing: resuming needs the world size the checkpoint was written with"
+        )
+    return torch.load(path, weights_only=True)
+
+
+def prune(run_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` tags (0 keeps everything); returns the removed tags."""
+    tags = list_tags(run_dir)
+    if keep <= 0 or len(tags) <= keep:
+        return []
+    removed = tags[:-keep]
+    import shutil
+
+    for tag in removed:
+        shutil.rmtree(ckpt_dir(run_dir) / tag, ignore_errors=True)
+    return removed
+
+
+def export_weights(run_dir: Path, state_dict: dict[str, torch.Tensor], step: int) -> Path:
+    """fp32 safetensors of the model (the task's `model.` prefix stripped), atomically."""
+    sd = {
+        k.removeprefix("model."): v.contiguous()
+        for k, v in state_dict.items()
+        if k.startswith("model.")
+    }
+    path = Path(run_dir) / "model.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={"step": str(step), "format": "clipforge/1"})
+    tmp.replace(path)
+    return path
+
+
+def load_exported(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """Weights and resolved config of a run: safetensors, so nothing is unpickled."""
+    run_dir = Path(run_dir)
+    path = run_dir / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no model.safetensors (has the run saved a checkpoint?)"
+        )
+    return load_file(str(path)), OmegaConf.load(run_dir / "config.yaml")

@@ -1,0 +1,218 @@
+"""Typed configuration: dataclasses registered with hydra, validated once, all errors at once.
+
+Every field a YAML file or a command-line override may set lives here, with its default and
+a line saying what it means. Because these dataclasses are the schema of the composed config,
+a typo such as `train.step=10` fails at compose time instead of being silently ignored.
+
+    python -m clipforge.train experiment=smoke_cpu run_dir=/tmp/run
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ImageTowerConfig:
+    # timm architecture name; the projection to the joint space is ours, so timm's head is
+    # always created with num_classes=0.
+    timm_name: str = "vit_base_patch32_clip_224"
+    image_size: int = 224
+    # Extra keyword arguments for timm.create_model (depth, embed_dim, patch_size, ...).
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # FLIP-style patch dropout: fraction of patch tokens dropped in training (ViT only).
+    patch_dropout: float = 0.0
+
+
+@dataclass
+class TextTowerConfig:
+    context_length: int = 77
+    # 0 means "take it from the tokenizer"; tests and the parity check may pin it.
+    vocab_size: int = 0
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_b32"
+    embed_dim: int = 512
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    # The logit scale is learned in log space; CLIP starts at 1/0.07 and caps the scale at 100.
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    # Random resized crop area range for training (CLIP uses (0.9, 1.0)).
+    scale_min: float = 0.9
+    scale_max: float = 1.0
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+@dataclass
+class DataConfig:
+    # A shard folder (with manifest.json), a manifest path, a brace pattern or a URL list.
+    # Left empty with synthetic=true, random tensors are used (smoke tests, launch checks).
+    train: Optional[str] = None
+    synthetic: bool = False
+    # Sentencepiece model; empty means "the one recorded in the training manifest".
+    tokenizer: Optional[str] = None
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class LossConfig:
+    # clip: softmax cross-entropy over the gathered N x N matrix, computed in local form.
+    kind: str = "clip"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+
+
+@dataclass
+class SchedConfig:
+    warmup_steps: int = 100
+    # Cosine decays to lr * min_lr_ratio (a floor, not zero).
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 1000
+    # Per-rank micro batch; the global batch is batch_size * world_size.
+    batch_size: int = 64
+    seed: int = 0
+    log_every: int = 10
+    grad_clip: float = 1.0
+    # fp32 | bf16 | fp16
+    precision: str = "fp32"
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0: only at the end) and keep the newest K (0: keep all).
+    every: int = 0
+    keep: int = 2
+
+
+@dataclass
+class EvalConfig:
+    # A zero-shot classification set in WebDataset form (.cls + classnames.txt).
+    zeroshot: Optional[str] = None
+    # Prompt templates with "{}" for the class name; a templates file beside the set wins.
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    every: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | none ; every logger also writes RUN_DIR/metrics.jsonl.
+    kind: str = "none"
+    mode: str = "offline"
+    project: str = "clipforge"
+    name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    # "latest" resumes from the newest checkpoint in run_dir, a path resumes from there.
+    resume: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # A plain DeepSpeed config dict (conf/deepspeed/*.yaml); batch sizes, clipping and
+    # precision are filled in from the fields above by engine/deepspeed.py.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    """Make the schema known to hydra; conf/train.yaml lists `schema` first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; its message lists every problem on one line."""
+
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_LOGGERS = ("wandb", "none")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Raise one ConfigError naming every problem, so a user fixes them all in one go."""
+    problems: list[str] = []
+    if not cfg.data.synthetic and not cfg.data.train:
+        problems.append(
+            "data.train is empty (give a shard folder/manifest/URL or data.synthetic=true)"
+        )
+    if cfg.train.steps <= 0:
+        problems.append(f"train.steps must be > 0, got {cfg.train.steps}")
+    if cfg.train.batch_size <= 0:
+        problems.append(f"train.batch_size must be > 0, got {cfg.train.batch_size}")
+    if cfg.train.precision not in _PRECISIONS:
+        problems.append(
+            f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}"
+        )
+    if cfg.logger.kind not in _LOGGERS:
+        problems.append(f"logger.kind must be one of {_LOGGERS}, got {cfg.logger.kind!r}")
+    if cfg.optim.lr <= 0:
+        problems.append(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.sched.min_lr_ratio <= 1.0:
+        problems.append(f"sched.min_lr_ratio must be in [0, 1], got {cfg.sched.min_lr_ratio}")
+    if cfg.sched.warmup_steps < 0:
+        problems.append(f"sched.warmup_steps must be >= 0, got {cfg.sched.warmup_steps}")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+        problems.append("checkpoint.every and checkpoint.keep must be >= 0")
+    if (
+        cfg.model.max_logit_scale <= 0
+        or math.exp(cfg.model.init_logit_scale) > cfg.model.max_logit_scale
+    ):
+        problems.append("model.init_logit_scale must start at or below log(model.max_logit_scale)")
+    text = cfg.model.text
+    if text.width % text.heads:
+        problems.append(
+            f"model.text.width {text.width} is not divisible by model.text.heads {text.heads}"
+        )
+    if text.context_length < 3:
+        problems.append("model.text.context_length must hold at least SOS, one token and EOS")
+    if not 0.0 <= cfg.model.image.patch_dropout < 1.0:
+        problems.append("model.image.patch_dropout must be in [0, 1)")
+    if cfg.data.workers < 0:
+        problems.append("data.workers must be >= 0")
+    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    if zero not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_optimization.stage must be 0-3, got {zero}")
+    if world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    if cfg.loss.kind not in ("clip",):
+        problems.append(f"loss.kind must be 'clip', got {cfg.loss.kind!r}")
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))

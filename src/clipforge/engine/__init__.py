@@ -1,0 +1,1 @@
+"""Training engine: distributed setup, DeepSpeed (the only deepspeed import), optimizer groups."""
