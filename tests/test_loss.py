@@ -1,0 +1,339 @@
+"""The contrastive loss and its gather: single-process properties, then the distributed maths.
+
+    PYTHONPATH=src:. .venv/bin/python -m pytest tests/test_loss.py -q
+
+The multi-process tests run W = 2 and 3 gloo ranks on CPU, each holding a slice of one seeded
+global batch, and compare with a single process holding the whole batch (the claims are listed
+in src/clipforge/loss/contrastive.py): mean loss over ranks == global loss; each rank's feature
+gradient / W == the global gradient of its slice; mean scale gradient == global scale gradient;
+and, through a tiny model, rank-averaged parameter gradients == global parameter gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_utils import run_distributed
+from torch import Tensor, nn
+
+from clipforge.loss import ContrastiveLoss, all_gather_with_grad, world_info
+from clipforge.loss.siglip import SigLipLoss
+
+LOCAL_BATCH = 4
+DIM = 8
+IN_DIM = 6
+SCALE = 1 / 0.07  # CLIP's initial logit scale
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initial scale and bias
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def reference_loss(image: Tensor, text: Tensor, scale: Tensor) -> Tensor:
+    """The textbook global loss: the full N x N matrix in one process."""
+    logits = scale * image @ text.T
+    labels = torch.arange(image.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def reference_siglip(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """The textbook global sigmoid loss: every pair of the N x N matrix, normalized by N."""
+    logits = scale * image @ text.T + bias
+    signs = 2 * torch.eye(image.shape[0], dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
+def siglip_leaves(dtype: torch.dtype) -> list[Tensor]:
+    return [leaf(torch.tensor([v], dtype=dtype)) for v in (SIGLIP_SCALE, SIGLIP_BIAS)]
+
+
+def global_features(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Seeded normalized features; every rank and the parent build the same tensors."""
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64), dim=1)
+    text = F.normalize(torch.randn(n, DIM, generator=g, dtype=torch.float64), dim=1)
+    return image.to(dtype), text.to(dtype)
+
+
+def leaf(t: Tensor) -> Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+class TinyClip(nn.Module):
+    """Two linear towers and a learned log-scale: the smallest model with CLIP's outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.image_proj = nn.Linear(IN_DIM, DIM)
+        self.text_proj = nn.Linear(IN_DIM, DIM)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(SCALE)))
+
+    def forward(self, images: Tensor, texts: Tensor) -> dict[str, Tensor]:
+        return {
+            "image_features": F.normalize(self.image_proj(images), dim=1),
+            "text_features": F.normalize(self.text_proj(texts), dim=1),
+            "logit_scale": self.log_scale.exp(),
+        }
+
+
+def model_inputs(n: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, IN_DIM, generator=g), torch.randn(n, IN_DIM, generator=g)
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def test_gather_is_identity_without_process_group() -> None:
+    x = torch.randn(3, 2)
+    assert world_info() == (0, 1)
+    assert all_gather_with_grad(x) is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_full_matrix_reference(dtype: torch.dtype) -> None:
+    image, text = global_features(12, dtype)
+    ours = [leaf(image), leaf(text), leaf(torch.tensor([SCALE], dtype=dtype))]
+    ref = [leaf(image), leaf(text), leaf(torch.tensor([SCALE], dtype=dtype))]
+    loss = ContrastiveLoss()(*ours)
+    expected = reference_loss(*ref)
+    loss.backward()
+    expected.backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss, expected, atol=tol, rtol=0)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=0)
+
+
+def test_symmetric_in_image_and_text() -> None:
+    image, text = global_features(10, torch.float64)
+    scale = torch.tensor(SCALE, dtype=torch.float64)
+    loss = ContrastiveLoss()
+    torch.testing.assert_close(loss(image, text, scale), loss(text, image, scale))
+
+
+def test_scale_shape_one_or_scalar() -> None:
+    image, text = global_features(10, torch.float64)
+    loss = ContrastiveLoss()
+    a = loss(image, text, torch.tensor(SCALE, dtype=torch.float64))
+    b = loss(image, text, torch.tensor([SCALE], dtype=torch.float64))
+    assert a.shape == b.shape == ()
+    torch.testing.assert_close(a, b)
+
+
+def test_random_features_give_log_n() -> None:
+    # With scale 1 and random unit vectors in many dimensions every logit is ~0, so each row is
+    # a near-uniform softmax over N candidates.
+    n = 32
+    g = torch.Generator().manual_seed(3)
+    image = F.normalize(torch.randn(n, 512, generator=g), dim=1)
+    text = F.normalize(torch.randn(n, 512, generator=g), dim=1)
+    loss = ContrastiveLoss()(image, text, torch.tensor(1.0))
+    assert abs(loss.item() - math.log(n)) < 0.05
+
+
+def test_loss_decreases_as_pairs_align() -> None:
+    image, noise = global_features(16, torch.float64)
+    scale = torch.tensor(SCALE, dtype=torch.float64)
+    losses = [
+        ContrastiveLoss()(image, F.normalize(image + w * noise, dim=1), scale).item()
+        for w in (4.0, 1.0, 0.25, 0.0)
+    ]
+    assert losses == sorted(losses, reverse=True), losses
+    assert losses[-1] < 0.05 * math.log(16)
+
+
+def test_metrics_report_the_same_loss_and_accuracy() -> None:
+    image, _ = global_features(8, torch.float64)
+    scale = torch.tensor(SCALE, dtype=torch.float64)
+    module = ContrastiveLoss()
+    loss, metrics = module.loss_and_metrics(image, image, scale)
+    torch.testing.assert_close(loss, module(image, image, scale))
+    torch.testing.assert_close(loss, (metrics["loss_i2t"] + metrics["loss_t2i"]) / 2)
+    assert metrics["acc_i2t"].item() == metrics["acc_t2i"].item() == 1.0
+    assert not any(m.requires_grad for m in metrics.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_siglip_matches_full_matrix_reference(dtype: torch.dtype) -> None:
+    image, text = global_features(12, dtype)
+    ours = [leaf(image), leaf(text), *siglip_leaves(dtype)]
+    ref = [leaf(image), leaf(text), *siglip_leaves(dtype)]
+    loss = SigLipLoss()(*ours)
+    expected = reference_siglip(*ref)
+    loss.backward()
+    expected.backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss, expected, atol=tol, rtol=0)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=0)
+
+
+def test_siglip_symmetric_and_decreases_as_pairs_align() -> None:
+    image, noise = global_features(16, torch.float64)
+    scale, bias = (torch.tensor(v, dtype=torch.float64) for v in (SIGLIP_SCALE, SIGLIP_BIAS))
+    loss = SigLipLoss()
+    text = F.normalize(image + noise, dim=1)
+    torch.testing.assert_close(loss(image, text, scale, bias), loss(text, image, scale, bias))
+    losses = [
+        loss(image, F.normalize(image + w * noise, dim=1), scale, bias).item()
+        for w in (4.0, 1.0, 0.25, 0.0)
+    ]
+    assert losses == sorted(losses, reverse=True), losses
+
+
+def test_rejects_mismatched_feature_shapes() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        ContrastiveLoss()(torch.randn(4, 8), torch.randn(3, 8), torch.tensor(1.0))
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def _distributed_worker(rank: int, world: int) -> dict[str, object]:
+    """Runs on every rank: everything the multi-process tests check, in one spawn per W."""
+    out: dict[str, object] = {}
+    lo, hi = rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH
+
+    # The gather alone: forward order, and the backward sums every rank's gradient.
+    x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    y = all_gather_with_grad(x)
+    weight = torch.arange(y.numel(), dtype=torch.float64).view_as(y) * (rank + 1)
+    (y * weight).sum().backward()
+    out["gather"] = (y.detach(), x.grad)
+
+    # The loss on raw features, in both precisions.
+    for dtype in (torch.float64, torch.float32):
+        image, text = global_features(world * LOCAL_BATCH, dtype)
+        image, text = leaf(image[lo:hi]), leaf(text[lo:hi])
+        scale = leaf(torch.tensor([SCALE], dtype=dtype))
+        loss = ContrastiveLoss()(image, text, scale)
+        loss.backward()
+        out[str(dtype)] = (loss.detach(), image.grad, text.grad, scale.grad)
+
+        image, text = global_features(world * LOCAL_BATCH, dtype, seed=4)
+        image, text = leaf(image[lo:hi]), leaf(text[lo:hi])
+        scale, bias = siglip_leaves(dtype)
+        loss = SigLipLoss()(image, text, scale, bias)
+        loss.backward()
+        out[f"siglip {dtype}"] = (loss.detach(), image.grad, text.grad, scale.grad, bias.grad)
+
+    # Through a model: average parameter gradients over ranks as the engine does.
+    model = TinyClip()
+    images, texts = model_inputs(world * LOCAL_BATCH)
+    ContrastiveLoss()(**model(images[lo:hi], texts[lo:hi])).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        grads[name] = p.grad / world
+    out["model"] = grads
+
+    # Unequal local batches must fail loudly, on every rank, before any wrong number exists.
+    image, text = global_features(LOCAL_BATCH + rank, torch.float32)
+    try:
+        ContrastiveLoss()(image, text, torch.tensor(SCALE))
+        out["unequal"] = None
+    except ValueError as err:
+        out["unequal"] = str(err)
+    try:
+        all_gather_with_grad(torch.zeros(1 + rank, 2))
+        out["unequal_gather"] = None
+    except ValueError as err:
+        out["unequal_gather"] = str(err)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def distributed(request: pytest.FixtureRequest) -> tuple[int, list[dict[str, object]]]:
+    world = request.param
+    return world, run_distributed(_distributed_worker, world, timeout=120)
+
+
+@pytest.mark.multiproc
+def test_gather_concatenates_by_rank_and_sums_gradients(distributed) -> None:
+    world, results = distributed
+    expected_y = torch.cat([torch.full((2, 3), float(r + 1)) for r in range(world)]).double()
+    # Rank q's backward weight on the gathered tensor is arange * (q + 1); rank r's slice gets
+    # the sum over q, i.e. arange[slice r] * sum(q + 1).
+    total = sum(q + 1 for q in range(world))
+    ramp = torch.arange(world * 6, dtype=torch.float64).view(world * 2, 3)
+    for rank, out in enumerate(results):
+        y, grad = out["gather"]
+        torch.testing.assert_close(y, expected_y, atol=0, rtol=0)
+        torch.testing.assert_close(grad, ramp[2 * rank : 2 * rank + 2] * total, atol=0, rtol=0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_local_loss_equals_global_batch(distributed, dtype: torch.dtype) -> None:
+    world, results = distributed
+    image, text = global_features(world * LOCAL_BATCH, dtype)
+    image, text = leaf(image), leaf(text)
+    scale = leaf(torch.tensor([SCALE], dtype=dtype))
+    expected = reference_loss(image, text, scale)
+    expected.backward()
+
+    per_rank = [out[str(dtype)] for out in results]
+    tol = TOL[dtype]
+    mean_loss = torch.stack([loss for loss, *_ in per_rank]).mean()
+    torch.testing.assert_close(mean_loss, expected.detach(), atol=tol, rtol=0)
+    for rank, (_, image_grad, text_grad, _) in enumerate(per_rank):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        torch.testing.assert_close(image_grad / world, image.grad[rows], atol=tol, rtol=0)
+        torch.testing.assert_close(text_grad / world, text.grad[rows], atol=tol, rtol=0)
+    mean_scale_grad = torch.stack([scale_grad for *_, scale_grad in per_rank]).mean(0)
+    torch.testing.assert_close(mean_scale_grad, scale.grad, atol=tol, rtol=0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_local_siglip_equals_global_batch(distributed, dtype: torch.dtype) -> None:
+    world, results = distributed
+    image, text = global_features(world * LOCAL_BATCH, dtype, seed=4)
+    features = [leaf(image), leaf(text)]
+    scalars = siglip_leaves(dtype)
+    expected = reference_siglip(*features, *scalars)
+    expected.backward()
+
+    per_rank = [out[f"siglip {dtype}"] for out in results]
+    tol = TOL[dtype]
+    mean_loss = torch.stack([r[0] for r in per_rank]).mean()
+    torch.testing.assert_close(mean_loss, expected.detach(), atol=tol, rtol=0)
+    for rank, r in enumerate(per_rank):
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        for local_grad, full in zip(r[1:3], features, strict=True):
+            torch.testing.assert_close(local_grad / world, full.grad[rows], atol=tol, rtol=0)
+    for i, full in enumerate(scalars, start=3):
+        mean_grad = torch.stack([r[i] for r in per_rank]).mean(0)
+        torch.testing.assert_close(mean_grad, full.grad, atol=tol, rtol=0)
+
+
+@pytest.mark.multiproc
+def test_rank_averaged_parameter_gradients_equal_global_batch(distributed) -> None:
+    world, results = distributed
+    model = TinyClip()
+    images, texts = model_inputs(world * LOCAL_BATCH)
+    out = model(images, texts)
+    reference_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    for rank_out in results:
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(rank_out["model"][name], p.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiproc
+def test_unequal_local_batches_raise_on_every_rank(distributed) -> None:
+    world, results = distributed
+    for out in results:
+        assert out["unequal_gather"] is not None, "all_gather_with_grad accepted unequal shapes"
+        message = out["unequal"]
+        assert message is not None, "unequal local batch sizes did not raise"
+        assert "ContrastiveLoss [batch, dim] needs the same shape on every rank" in message
+        for rank in range(world):
+            assert f"rank {rank}: [{LOCAL_BATCH + rank}, {DIM}]" in message
+            assert f"rank {rank}: [{1 + rank}, 2]" in out["unequal_gather"]
