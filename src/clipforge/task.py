@@ -24,3 +24,11 @@ class ContrastiveTask(nn.Module):
         out = self.model(batch["image"].to(dtype), batch["text"])
         loss = self.loss(**out)
         return loss, {"logit_scale": out["logit_scale"].detach().float().mean()}
+
+    # Evaluation goes through the task too, so that the engine (which wraps this module, and
+    # under ZeRO-3 gathers its partitioned weights) stays the only handle on the parameters.
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(image.to(self.model.logit_scale.dtype))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(text)

@@ -54,10 +54,8 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar: {"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}."""
     stream = _open(url)
     try:
-        files = tar_file_iterator(stream)
-        for sample in group_by_keys(files):
-            sample["__url__"] = url
-            yield sample
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
     finally:
         stream.close()
 
