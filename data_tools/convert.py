@@ -1,60 +1,61 @@
-"""Table of (image, caption) rows -> WebDataset tar shards, per-shard stats, and a manifest.
+"""Any image-caption dump -> verified WebDataset shards of a fixed size, resumable.
 
-    python -m data_tools.convert --input rows.csv --images imgs/ --output shards/ \\
-        --image-size 224 --resize-mode center_crop --processes 8
+    python -m data_tools.convert --input rows.parquet --url-col url --caption-col caption \\
+        --output shards/ --image-size 256 --resize-mode center_crop --processes 8
+    python -m data_tools.convert --input captions_val2017.json --images val2017/ --output coco/
+    python -m data_tools.convert --input cifar/test --caption-template "a photo of a {label}" \\
+        --output zs/ --zeroshot-templates templates.txt      # + KEY.cls, classnames.txt
     clipforge-convert --help                     # same, as an installed console script
 
-Rows are split into slices of --samples-per-shard consecutive rows; slice i becomes shard i, so the
-output is byte-identical for any --processes. A slice whose rows partly fail yields a shorter
-shard (rows are not borrowed from the next slice): simple and deterministic, at the price of
-uneven shards; the manifest records every shard's count. A slice with no good row leaves no tar
-(its stats and report remain) and is not listed in the manifest. Bad rows are recorded in the
-shard's stats and parquet report and never stop the run; a bad table or option stops it before
-any work with one ``error: ...`` line and exit code 2. Output goes to a local folder.
+How the work flows, and why (details in chunks.py and packer.py):
+  1. The whole input is read and checked first: a bad table, option or column is one
+     ``error: ...`` line and exit code 2 before any image is fetched.
+  2. Rows are cut into chunks; worker processes turn each chunk into ``OUT/_work/chunk-*.bin``
+     (tar records of its good rows) and ``chunk-*.json`` (every row's outcome).
+  3. The main process feeds chunks to the packer in input order; it cuts the stream of
+     successes into shards of exactly --samples-per-shard (only the last may be short). Output
+     bytes therefore depend on the input and the settings, never on --processes or timing.
+  4. Re-running the same command after a crash or ``kill -9`` keeps finished chunks and shards
+     and redoes the rest, to the same bytes. manifest.json is written last.
+Bad rows (unreachable, corrupt, filtered, duplicate) are reported per shard and never stop the
+run: the exit code is 0 whenever it ran to the end. A Slurm array converts slice I of N of the
+input with ``--slice-index I --slice-count N`` into OUT/part-0000I/; ``python -m
+data_tools.merge_manifests OUT`` then writes one manifest (launch/convert_slurm.sh does both).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import hashlib
 import json
+import math
 import multiprocessing
 import os
+import shutil
 import sys
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from data_tools import fetch, images, readers, shards
+from data_tools import chunks, fetch, images, readers, shards
+from data_tools.layouts import class_label, fill_template
+from data_tools.packer import Packer, WorkFilesMissing
 
 EXIT_USAGE = 2
+WORK_DIR = "_work"
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+# Settings that change how fast or how patiently the work is done, not what it produces:
+# a resume may change them (say a longer --timeout) and still continue the same conversion.
+RUNTIME_ARGS = {"processes", "threads", "chunk_rows", "timeout", "retries", "user_agent"}
+RUNTIME_ARGS |= {"output", "overwrite", "keep_work", "progress"}
 
 
-class SampleError(ValueError):
-    """A row's non-image fields are unusable; the message starts with a failure category."""
-
-
-@dataclass(frozen=True)
-class SliceTask:
-    index: int
-    rows: list[readers.Row]
-    output_dir: str
-    base_dir: str  # relative image paths are taken against it
-    image: images.ImageOptions
-    timeout: float
-    retries: int
-
-
-@dataclass(frozen=True)
-class SliceResult:
-    shard: shards.ShardInfo
-    rows: int
-    failed: int
+class UsageError(ValueError):
+    """Reported as one ``error:`` line with exit code 2, before any work."""
 
 
 def _positive_int(text: str) -> int:
@@ -75,152 +76,308 @@ def _column_list(text: str) -> list[str]:
     return [col.strip() for col in text.split(",") if col.strip()]
 
 
+def default_processes() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, help="table, COCO/Flickr file, folder, tar(s); URL ok")
+    g.add_argument("--input-format", default="auto", choices=["auto", *readers.FORMATS])
+    g.add_argument("--images", default=None, help="folder that relative image names refer to")
+    g.add_argument("--url-col", default="url", help="column holding the image path or URL")
+    g.add_argument("--caption-col", default="caption", help="column holding the caption")
+    g.add_argument("--cls-col", default=None, help="integer class column, written as KEY.cls")
+    g.add_argument("--extra-cols", "--save-additional-columns", type=_column_list, default=[],
+                   help="a,b: columns copied into KEY.json")  # fmt: skip
+    g.add_argument("--header", choices=["auto", "yes", "no"], default="auto",
+                   help="csv/tsv header line; auto: none when row 1 holds a URL or image name")  # fmt: skip
+    g.add_argument("--columns", type=_column_list, default=[],
+                   help="names for a headerless csv/tsv, e.g. caption,url (CC3M)")  # fmt: skip
+    g.add_argument("--caption-template", default=None,
+                   help='folder mode: class sub-folders, caption "a photo of a {label}"')  # fmt: skip
+    g.add_argument("--zeroshot-templates", default=None,
+                   help="file (one per line) or 'a photo of a {}.|...': written beside the shards")  # fmt: skip
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("images")
+    g.add_argument("--image-size", type=_positive_int, default=256)
+    g.add_argument("--resize-mode", default="border", choices=images.RESIZE_MODES)
+    g.add_argument("--encode-format", default="jpg", choices=images.ENCODE_FORMATS)
+    g.add_argument("--quality", "--encode-quality", type=_quality, default=95)
+    g.add_argument("--reencode", default="if-needed", choices=images.REENCODE,
+                   help="if-needed: keep images that already have the target size/format; "
+                   "never: keep every jpg/png/webp as is (needs --resize-mode no)")  # fmt: skip
+    g.add_argument("--downscale-interpolation", default="area", choices=images.INTERPOLATIONS)
+    g.add_argument("--upscale-interpolation", default="lanczos", choices=images.INTERPOLATIONS)
+    g.add_argument("--max-pixels", type=_positive_int, default=images.DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels (decompression-bomb guard)")  # fmt: skip
+
+
+def _filter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (rows turned away get status 'filtered' or 'duplicate')")
+    g.add_argument("--min-image-size", type=int, default=0, help="smaller side, in pixels")
+    g.add_argument("--max-aspect-ratio", type=float, default=math.inf)
+    g.add_argument("--min-caption-length", type=int, default=0, help="characters, after cleanup")
+    g.add_argument("--max-caption-length", type=int, default=None)
+    g.add_argument("--dedupe", choices=["none", "url", "content", "both"], default="none",
+                   help="exact duplicates by source URL/path and/or content sha256; first wins")  # fmt: skip
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--output", required=True, help="output folder (local)")
+    g.add_argument("--samples-per-shard", "--number-sample-per-shard", type=_positive_int,
+                   default=10000)  # fmt: skip
+    g.add_argument("--processes", type=_positive_int, default=default_processes())
+    g.add_argument("--threads", type=_positive_int, default=16, help="fetch threads per process")
+    g.add_argument("--chunk-rows", type=_positive_int, default=None,
+                   help="rows per work unit (default: from rows and processes, <= 1000)")  # fmt: skip
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per remote fetch")
+    g.add_argument("--retries", type=int, default=2, help="extra tries per remote fetch")
+    g.add_argument("--max-bytes", type=_positive_int, default=fetch.DEFAULT_MAX_BYTES,
+                   help="refuse sources larger than this")  # fmt: skip
+    g.add_argument("--user-agent", default=fetch.USER_AGENT)
+    g.add_argument("--slice-index", type=int, default=None, help="Slurm array: this task's slice")
+    g.add_argument("--slice-count", type=int, default=None, help="Slurm array: number of slices")
+    g.add_argument("--overwrite", action="store_true", help="discard earlier output in --output")
+    g.add_argument("--keep-work", action="store_true", help="keep OUT/_work after success")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="clipforge-convert",
-        description="Convert a table of image paths/URLs and captions into WebDataset shards.",
+        description="Convert an image-caption dump into fixed-size WebDataset shards "
+        "(resumable: re-run the same command after a crash).",
     )
-    p.add_argument("--input", required=True, help="table path or fsspec URL (.csv/.jsonl[.gz])")
-    p.add_argument("--input-format", default="auto", choices=["auto", *readers.READERS])
-    p.add_argument("--images", default=None, help="folder for relative paths (default: table's)")
-    p.add_argument("--url-col", default="url", help="column holding the image path or URL")
-    p.add_argument("--caption-col", default="caption", help="column holding the caption")
-    p.add_argument("--cls-col", default=None, help="integer class column, written as KEY.cls")
-    p.add_argument("--extra-cols", type=_column_list, default=[], help="a,b: copied to KEY.json")
-    p.add_argument("--output", required=True, help="output folder (local)")
-    p.add_argument("--image-size", type=_positive_int, default=256)
-    p.add_argument("--resize-mode", default="border", choices=images.RESIZE_MODES)
-    p.add_argument("--samples-per-shard", type=_positive_int, default=10000)
-    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality")
-    p.add_argument("--processes", type=_positive_int, default=1)
-    p.add_argument(
-        "--max-pixels",
-        type=_positive_int,
-        default=images.DEFAULT_MAX_PIXELS,
-        help="refuse images with more pixels (decompression-bomb guard)",
-    )
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per remote fetch")
-    p.add_argument("--retries", type=int, default=2, help="extra tries per remote fetch")
+    _input_args(p)
+    _image_args(p)
+    _filter_args(p)
+    _run_args(p)
     return p
 
 
-def _label(value: Any) -> bytes:
-    # Accept 3, "3" and 3.0 but never silently truncate 3.5 or read True as 1.
-    number: int | None = None
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            number = int(value.strip())
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    if number is None:
-        raise SampleError(f"bad label: {value!r} is not an integer")
-    return str(number).encode("ascii")
+def validate(args: argparse.Namespace) -> list[str]:
+    """Every problem with the options at once (litgpt's habit), before anything is read."""
+    problems = []
+    if args.reencode == "never" and args.resize_mode != "no":
+        problems.append("--reencode never keeps images as they are: it needs --resize-mode no")
+    if (args.slice_index is None) != (args.slice_count is None):
+        problems.append("--slice-index and --slice-count go together")
+    elif args.slice_count is not None and not 0 <= args.slice_index < args.slice_count:
+        problems.append(f"--slice-index must be in 0..{args.slice_count - 1}")
+    if args.max_caption_length is not None and args.max_caption_length < args.min_caption_length:
+        problems.append("--max-caption-length is below --min-caption-length")
+    if args.zeroshot_templates is not None and args.caption_template is None:
+        problems.append("--zeroshot-templates needs class folders (--caption-template)")
+    if args.max_aspect_ratio < 1:
+        problems.append("--max-aspect-ratio must be >= 1")
+    return problems
 
 
-def make_sample(row: readers.Row, task: SliceTask) -> dict[str, bytes]:
-    """Tar members of one row; raises FetchError/ImageError/SampleError for a bad row."""
-    label = _label(row.label) if row.label is not None else None
-    source = fetch.resolve_source(row.source, task.base_dir)
-    encoded = images.process_image(
-        fetch.fetch_bytes(source, task.timeout, task.retries), task.image
+def read_options(args: argparse.Namespace) -> readers.ReadOptions:
+    spec = readers.ColumnSpec(args.url_col, args.caption_col, args.cls_col, tuple(args.extra_cols))
+    return readers.ReadOptions(
+        args.input_format, spec, args.header, tuple(args.columns), args.caption_template
     )
-    meta = {
-        "key": row.key,
-        "source": row.source,
-        "caption": row.caption,
-        "width": encoded.width,
-        "height": encoded.height,
-        "original_width": encoded.original_width,
-        "original_height": encoded.original_height,
-        **row.extra,
-    }
-    members = {
-        "jpg": encoded.data,
-        "txt": row.caption.encode("utf-8"),
-        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-    }
-    if label is not None:
-        members["cls"] = label
-    return members
 
 
-def _try_sample(row: readers.Row, task: SliceTask) -> tuple[dict[str, bytes] | None, str | None]:
-    try:
-        return make_sample(row, task), None
-    except (fetch.FetchError, images.ImageError, SampleError) as e:
-        return None, str(e)
-    except Exception as e:  # noqa: BLE001
-        # One unforeseen library error must not cost the other rows of a days-long run;
-        # its own category makes it stand out in the stats.
-        return None, f"unexpected: {type(e).__name__}: {e}"
+def image_options(args: argparse.Namespace) -> images.ImageOptions:
+    return images.ImageOptions(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        quality=args.quality,
+        max_pixels=args.max_pixels,
+        encode_format=args.encode_format,
+        reencode=args.reencode,
+        min_image_size=args.min_image_size,
+        max_aspect_ratio=args.max_aspect_ratio,
+        downscale_interpolation=args.downscale_interpolation,
+        upscale_interpolation=args.upscale_interpolation,
+    )
 
 
-def convert_slice(task: SliceTask) -> SliceResult:
-    """Write shard ``task.index`` with its stats and row report; runs inside pool workers."""
-    out = Path(task.output_dir)
-    stem = shards.shard_stem(task.index)
-    report: list[dict[str, str | None]] = []
-    reasons: Counter[str] = Counter()
-    with shards.ShardWriter(out / f"{stem}.tar") as writer:
-        for row in task.rows:
-            members, error = _try_sample(row, task)
-            if members is not None:
-                writer.add(row.key, members)
-            else:
-                reasons[str(error).split(":", 1)[0]] += 1
-            status = "ok" if error is None else "failed"
-            report.append({"key": row.key, "source": row.source, "status": status, "error": error})
-        info = writer.close()
-    if info.samples == 0:
-        # An empty tar only costs loaders an open; stats and report still record the slice.
-        (out / info.name).unlink()
-    failed = sum(reasons.values())
-    shards.write_report(out / f"{stem}.parquet", report)
-    stats = {
-        "shard": info.name,
-        "rows": len(task.rows),
-        "ok": info.samples,
-        "failed": failed,
-        "failure_reasons": dict(sorted(reasons.items())),
-    }
-    shards.write_json(out / f"{stem}_stats.json", stats)
-    return SliceResult(shard=info, rows=len(task.rows), failed=failed)
+def output_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.output)
+    return out / f"part-{args.slice_index:05d}" if args.slice_count is not None else out
 
 
-def plan_slices(
-    rows: list[readers.Row], args: argparse.Namespace, base_dir: str
-) -> list[SliceTask]:
-    opts = images.ImageOptions(args.image_size, args.resize_mode, args.quality, args.max_pixels)
-    n = args.samples_per_shard
-    return [
-        SliceTask(i // n, rows[i : i + n], args.output, base_dir, opts, args.timeout, args.retries)
-        for i in range(0, len(rows), n)
-    ]
+def check_images_dir(rows: list[readers.Row], base_dir: str) -> None:
+    """One clear error when no image is where the options say, instead of N 'missing' rows."""
+    local = [r for r in rows[:64] if r.member is None and r.data is None and r.source]
+    local = [r for r in local if not fetch.is_url(r.source) and not os.path.isabs(r.source)]
+    if len(local) < 8 or fetch.is_url(base_dir):
+        return
+    if not any(os.path.exists(os.path.join(base_dir, r.source)) for r in local[:8]):
+        raise UsageError(
+            f"none of the first 8 images exist under {base_dir} (e.g. {local[0].source}); "
+            "pass the folder they are relative to with --images"
+        )
 
 
-def run_slices(tasks: list[SliceTask], processes: int) -> list[SliceResult]:
-    """Results in shard order, whatever the process count."""
-    progress = tqdm(total=sum(len(t.rows) for t in tasks), unit="row", file=sys.stderr)
-    results: list[SliceResult] = []
-    with progress:
-        if processes == 1 or len(tasks) <= 1:
-            mapped = map(convert_slice, tasks)
-            pool = None
-        else:
-            # spawn: no forked copy of tqdm's thread or a parent's open handles; same on macOS.
-            pool = multiprocessing.get_context("spawn").Pool(min(processes, len(tasks)))
-            mapped = pool.imap(convert_slice, tasks)
-        try:
-            for result in mapped:
-                results.append(result)
-                progress.update(result.rows)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-    return results
+def pre_verdicts(rows: list[readers.Row], args: argparse.Namespace) -> dict[int, tuple[str, str]]:
+    """Outcomes known without fetching: caption filters, then duplicate URLs (first wins)."""
+    verdicts: dict[int, tuple[str, str]] = {}
+    first_of: dict[tuple[str, Any], str] = {}
+    for row in rows:
+        n = len(row.caption)
+        if n < args.min_caption_length:
+            verdicts[row.index] = (
+                "filtered",
+                f"caption too short: {n} < {args.min_caption_length}",
+            )
+        elif args.max_caption_length is not None and n > args.max_caption_length:
+            verdicts[row.index] = ("filtered", f"caption too long: {n} > {args.max_caption_length}")
+        elif args.dedupe in ("url", "both") and row.source:
+            first = first_of.setdefault((row.source, row.member), row.key)
+            if first != row.key:
+                verdicts[row.index] = ("duplicate", f"duplicate url: same source as {first}")
+    return verdicts
+
+
+def fingerprint(args: argparse.Namespace, rows: list[readers.Row]) -> str:
+    """What the output depends on: output-affecting settings and every row's content."""
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_ARGS}
+    digest.update(json.dumps(settings, default=str, sort_keys=True).encode())
+    for r in rows:
+        fields = (r.key, r.source, r.caption, r.captions, r.label, r.extra, r.member)
+        digest.update(json.dumps(fields, default=str, sort_keys=True).encode())
+        if r.data is not None:
+            digest.update(hashlib.sha256(r.data).digest())
+    return digest.hexdigest()
+
+
+def _remove_outputs(out: Path) -> None:
+    for pattern in ("[0-9]*.tar", "[0-9]*_stats.json", "[0-9]*.parquet", "*.tmp"):
+        for path in out.glob(pattern):
+            path.unlink()
+    for name in (shards.MANIFEST_NAME, CLASSNAMES, TEMPLATES):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+
+
+def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
+    """Make the folder ready; True when it already holds this very conversion, finished."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} exists and is not a folder")
+    if overwrite and out.exists():
+        _remove_outputs(out)
+    manifest = out / shards.MANIFEST_NAME
+    if manifest.exists():
+        if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == fp:
+            return True
+        raise UsageError(
+            f"{out} holds a finished conversion of other settings or input; "
+            "pass --overwrite to replace it, or choose another --output"
+        )
+    plan = out / WORK_DIR / "plan.json"
+    if plan.exists() and json.loads(plan.read_text(encoding="utf-8")).get("fingerprint") != fp:
+        raise UsageError(
+            f"{out} holds an unfinished conversion of other settings or input; "
+            "pass --overwrite to discard it, or choose another --output"
+        )
+    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tmp"), *(out / WORK_DIR).glob("*.tmp")]:
+        stale.unlink()  # torn writes of a killed run; finished files were renamed into place
+    return False
+
+
+def plan_chunks(out: Path, fp: str, n_rows: int, args: argparse.Namespace) -> int:
+    """Rows per chunk: from an unfinished run's plan when resuming, so chunk files match."""
+    path = out / WORK_DIR / "plan.json"
+    if path.exists():
+        return int(json.loads(path.read_text(encoding="utf-8"))["chunk_rows"])
+    # Several chunks per process balance the load; <= 1000 rows keeps a redo after a crash
+    # short. The output does not depend on this number.
+    size = args.chunk_rows or max(16, min(1000, math.ceil(n_rows / (args.processes * 8))))
+    shards.write_json(path, {"fingerprint": fp, "chunk_rows": size, "rows": n_rows})
+    return size
+
+
+def make_tasks(
+    rows: list[readers.Row], size: int, args: argparse.Namespace, work: Path, base_dir: str
+) -> list[chunks.ChunkTask]:
+    verdicts = pre_verdicts(rows, args)
+    image, opts = image_options(args), fetch_options(args)
+    tasks = []
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        mine = {r.index: verdicts[r.index] for r in part if r.index in verdicts}
+        tasks.append(
+            chunks.ChunkTask(i // size, part, str(work), base_dir, image, opts, args.threads, mine)
+        )
+    return tasks
+
+
+def fetch_options(args: argparse.Namespace) -> fetch.FetchOptions:
+    return fetch.FetchOptions(args.timeout, args.retries, args.max_bytes, args.user_agent)
+
+
+def _results(pending: list[chunks.ChunkTask], processes: int) -> Iterator[chunks.ChunkSummary]:
+    """Chunk summaries as workers finish them (any order)."""
+    if processes == 1 or len(pending) <= 1:
+        yield from map(chunks.run_chunk, pending)
+        return
+    # spawn: no forked copy of tqdm's thread or a parent's open handles; same on macOS.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(processes, len(pending))) as pool:
+        yield from pool.imap_unordered(chunks.run_chunk, pending)
+
+
+def run(
+    tasks: list[chunks.ChunkTask], work: Path, packer: Packer, args: argparse.Namespace
+) -> None:
+    """Process pending chunks in parallel; pack finished ones in input order as they arrive."""
+    done = {t.index for t in tasks if chunks.is_done(work, t.index)}
+    pending = [t for t in tasks if t.index not in done]
+    resumed = sum(len(t.rows) for t in tasks if t.index in done)
+    bar = tqdm(total=sum(len(t.rows) for t in tasks), initial=resumed, unit="row",
+               file=sys.stderr, disable=not args.progress, mininterval=0.5, dynamic_ncols=True)  # fmt: skip
+    next_chunk = 0
+    with bar:
+        for summary in _chained(done, pending, args.processes):
+            done.add(summary.index)
+            bar.update(summary.rows)
+            # The packer needs chunks in input order: feed every one finished so far in a row.
+            while next_chunk < len(tasks) and next_chunk in done:
+                packer.add_chunk(next_chunk, chunks.read_outcomes(work, next_chunk))
+                next_chunk += 1
+            ok = packer.status["ok"]
+            bad = sum(packer.status.values()) - ok
+            bar.set_postfix(ok=ok, bad=bad, shards=packer.shard, refresh=False)
+
+
+def _chained(
+    done: set[int], pending: list[chunks.ChunkTask], processes: int
+) -> Iterator[chunks.ChunkSummary]:
+    # Chunks finished by an earlier run go first (rows=0: already counted in the bar).
+    for index in sorted(done):
+        yield chunks.ChunkSummary(index, 0, 0)
+    yield from _results(pending, processes)
+
+
+def _templates(value: str) -> list[str]:
+    lines = (
+        Path(value).read_text(encoding="utf-8").splitlines()
+        if os.path.isfile(value)
+        else value.split("|")
+    )
+    # The loader fills templates with str.format(classname): positional "{}".
+    return [t.strip().replace("{label}", "{}").replace("{c}", "{}") for t in lines if t.strip()]
+
+
+def write_sidecars(out: Path, ds: readers.Dataset, args: argparse.Namespace) -> None:
+    if ds.classnames is not None:
+        shards.write_bytes(out / CLASSNAMES, ("\n".join(ds.classnames) + "\n").encode("utf-8"))
+    if args.zeroshot_templates is not None:
+        text = "\n".join(_templates(args.zeroshot_templates)) + "\n"
+        shards.write_bytes(out / TEMPLATES, text.encode("utf-8"))
 
 
 def tool_version() -> str:
@@ -230,44 +387,72 @@ def tool_version() -> str:
         return "unknown"
 
 
-def _table_dir(path: str) -> str:
-    if fetch.is_url(path):
-        return path.rsplit("/", 1)[0]
-    return str(Path(path).resolve().parent)
+def finish(out: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows: int) -> dict:
+    infos = packer.finish()
+    status = {s: packer.status.get(s, 0) for s in ("ok", "failed", "filtered", "duplicate")}
+    extra: dict[str, Any] = {
+        "rows": n_rows,
+        "status": status,
+        "failure_reasons": dict(sorted(packer.reasons.items())),
+        "reports": packer.reports,
+        "fingerprint": fp,
+    }
+    if args.slice_count is not None:
+        extra["slice"] = {"index": args.slice_index, "count": args.slice_count}
+    failed = n_rows - status["ok"]
+    manifest = shards.new_manifest(infos, failed, vars(args), tool_version(), **extra)
+    shards.write_manifest(out, manifest)
+    if not args.keep_work:
+        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return manifest
 
 
-def load_rows(args: argparse.Namespace) -> list[readers.Row]:
-    """Read and check the table; raises readers.TableError (-> exit 2) before any work."""
-    spec = readers.ColumnSpec(args.url_col, args.caption_col, args.cls_col, tuple(args.extra_cols))
-    return readers.to_rows(readers.read_table(args.input, args.input_format), spec)
-
-
-def _prepare_output(path: str) -> None:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise readers.TableError(f"--output {path} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    # The manifest marks a finished conversion; drop a stale one before rewriting shards.
-    (out / shards.MANIFEST_NAME).unlink(missing_ok=True)
+def load_dataset(args: argparse.Namespace) -> tuple[readers.Dataset, list[readers.Row], str]:
+    """Read and check everything; raises TableError/UsageError (-> exit 2) before any work."""
+    problems = validate(args)
+    if problems:
+        raise UsageError("; ".join(problems))
+    if args.caption_template is not None:
+        fill_template(args.caption_template, class_label("x"))  # a bad template fails now
+    ds = readers.load(args.input, read_options(args))
+    rows = ds.rows
+    if args.slice_count is not None:
+        rows = readers.select_slice(rows, args.slice_index, args.slice_count)
+    base_dir = os.path.abspath(args.images) if args.images is not None else ds.base_dir
+    check_images_dir(rows, base_dir)
+    return ds, rows, base_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rows = load_rows(args)
-        _prepare_output(args.output)
-    except readers.TableError as e:
+        ds, rows, base_dir = load_dataset(args)
+        out = output_dir(args)
+        fp = fingerprint(args, rows)
+        if prepare_output(out, fp, args.overwrite):
+            print(f"{out} already holds this conversion, finished; nothing to do", file=sys.stderr)
+            return 0
+        size = plan_chunks(out, fp, len(rows), args)
+    except (readers.TableError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    base_dir = _table_dir(args.input) if args.images is None else os.path.abspath(args.images)
-    results = run_slices(plan_slices(rows, args, base_dir), args.processes)
-    failed = sum(r.failed for r in results)
-    written = [r.shard for r in results if r.shard.samples]
-    manifest = shards.new_manifest(written, failed, vars(args), tool_version())
-    shards.write_manifest(args.output, manifest)
+    tasks = make_tasks(rows, size, args, out / WORK_DIR, base_dir)
+    packer = Packer(out, out / WORK_DIR, args.samples_per_shard, args.dedupe in ("content", "both"))
+    try:
+        run(tasks, out / WORK_DIR, packer, args)
+    except WorkFilesMissing as e:
+        print(f"error: {e}; re-run with --overwrite to start over", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    write_sidecars(out, ds, args)
+    manifest = finish(out, packer, args, fp, len(rows))
+    s = manifest["status"]
     print(
-        f"wrote {manifest['samples']} samples in {len(written)} shards to {args.output} "
-        f"({failed} of {len(rows)} rows failed)",
+        f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {out} "
+        f"({len(rows)} rows: {s['failed']} failed, {s['filtered']} filtered, "
+        f"{s['duplicate']} duplicate)",
         file=sys.stderr,
     )
     return 0

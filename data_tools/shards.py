@@ -5,57 +5,62 @@ Used by ``python -m data_tools.convert``; print a folder's manifest summary with
 
 Shard folder layout (the contract with ``clipforge.data``, which must not import this module)::
 
-    DIR/00000.tar            WebDataset shard: per sample KEY.jpg, KEY.txt, KEY.json [, KEY.cls]
-    DIR/00000_stats.json     {"shard", "rows", "ok", "failed", "failure_reasons": {category: n}}
-    DIR/00000.parquet        one row per input row of the slice: key, source, status, error
+    DIR/00000.tar            WebDataset shard: per sample KEY.jpg (or .webp), KEY.txt, KEY.json
+                             [, KEY.cls]; every shard holds --samples-per-shard samples but the last
+    DIR/00000_stats.json     {"shard", "samples", "rows", "ok", "failed", "filtered", "duplicate",
+                              "failure_reasons": {category: n}, "first_key", "last_key", ...}
+    DIR/00000.parquet        row report: one row per input row from this shard's first sample
+                             up to the next shard's first sample (key, source, status, error,
+                             sha256, note); status is ok, failed, filtered or duplicate
     DIR/manifest.json        written last; its presence means the conversion finished
+    DIR/classnames.txt       folder mode with class sub-folders (line i = class i)
     DIR/tokenizer.model      optional, from python -m data_tools.tokenizer
 
-KEY is the input row index zero-padded to 9 digits. KEY.txt is the UTF-8 caption; KEY.json holds
-{"key", "source", "caption", "width", "height", "original_width", "original_height", plus the
---extra-cols}; KEY.cls is the class index in ASCII. Tar members have fixed mtime/owner/mode so
-that the same input gives byte-identical shards.
+Rows before the first sample are reported in shard 0's files, rows after the last sample in the
+last shard's; so the reports together list every input row exactly once, in input order. KEY is
+the input row index zero-padded to 9 digits. KEY.txt is the UTF-8 caption (the first one for
+COCO/Flickr); KEY.json holds {"key", "source", "caption", ["captions"], "width", "height",
+"original_width", "original_height", "sha256" (of the source bytes), plus the --extra-cols};
+KEY.cls is the class index in ASCII. Tar members have fixed mtime/owner/mode so the same input
+gives byte-identical shards.
 
 manifest.json (format "clipforge-shards/1")::
 
     {
       "format": "clipforge-shards/1",
       "samples": 1234,                   # sum of shards[*].samples
-      "failed": 5,                       # input rows that produced no sample
+      "failed": 5,                       # input rows that produced no sample (any reason)
+      "rows": 1239, "status": {"ok": 1234, "failed": 3, "filtered": 1, "duplicate": 1},
+      "failure_reasons": {"http 404": 2, ...},
       "shards": [{"name": "00000.tar", "samples": 1000, "bytes": 12345678, "sha256": "<hex>"}],
+      "reports": ["00000.parquet", ...],
       "args": {...},                     # the conversion's command-line arguments
+      "fingerprint": "<hex>",            # settings + input rows; a resume must match it
       "tool_version": "0.1.0",           # clipforge version that wrote the folder
       "tokenizer": null                  # or a path relative to DIR, e.g. "tokenizer.model"
     }
 
-Shard names are relative to DIR; shard numbers may have gaps (a slice whose every row failed
-writes stats and a report but no tar, and is not listed). A shard may hold fewer samples than --samples-per-shard (the
-last one, and any slice where rows failed); a loader wanting equal work per worker should use
-the per-shard "samples" counts, not assume a fixed size.
+Shard names are relative to DIR (a merged Slurm conversion names them ``part-00003/00000.tar``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
 import tarfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clipforge-shards/1"
 SHARD_DIGITS = 5
-REPORT_SCHEMA = pa.schema(
-    [("key", pa.string()), ("source", pa.string()), ("status", pa.string()), ("error", pa.string())]
-)
+REPORT_COLUMNS = ("key", "source", "status", "error", "sha256", "note")
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE  # tarfile pads archives to this; so do we, so both agree
 
 
 def shard_stem(index: int) -> str:
@@ -70,27 +75,23 @@ class ShardInfo:
     sha256: str
 
 
-class _HashingFile(io.RawIOBase):
-    # Hashes while tarfile writes, so multi-GB shards are not read back just to checksum them.
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self._f = f
-        self._hash = hashlib.sha256()
-        self._pos = 0
+def tar_record(key: str, members: Mapping[str, bytes]) -> bytes:
+    """One sample as tar bytes (header + data + padding per member), ready to concatenate.
 
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: bytes) -> int:  # type: ignore[override]
-        self._f.write(data)
-        self._hash.update(data)
-        self._pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    Workers serialize samples once; the packer then copies these bytes into shards without
+    re-reading or re-encoding anything.
+    """
+    parts = []
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mode = 0o444
+        info.mtime = 0  # fixed so reruns are byte-identical
+        parts.append(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        parts.append(data)
+        if len(data) % _BLOCK:
+            parts.append(b"\0" * (_BLOCK - len(data) % _BLOCK))
+    return b"".join(parts)
 
 
 def fsync_dir(path: Path) -> None:
@@ -105,9 +106,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, final: Path) -> None:
+def commit(tmp: Path, final: Path, durable: bool = True) -> None:
     os.replace(tmp, final)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
 
 
 class ShardWriter:
@@ -119,34 +121,35 @@ class ShardWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
-        # Both stay open across add() calls; close() or abort() ends them.
-        self._file = open(self._tmp, "wb")  # noqa: SIM115
-        self._hashing = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - stays open across add() calls
+        self._hash = hashlib.sha256()
+        self._bytes = 0
         self.samples = 0
+
+    def _write(self, data: bytes) -> None:
+        # Hashing while writing: multi-GB shards are not read back just to checksum them.
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
 
     def add(self, key: str, members: Mapping[str, bytes]) -> None:
         """One sample: ``members`` maps an extension ("jpg", "txt", ...) to its bytes."""
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mode = 0o444
-            info.mtime = 0  # fixed so reruns are byte-identical
-            self._tar.addfile(info, io.BytesIO(data))
+        self.add_record(tar_record(key, members))
+
+    def add_record(self, record: bytes) -> None:
+        """One sample already serialized by ``tar_record``."""
+        self._write(record)
         self.samples += 1
 
     def close(self) -> ShardInfo:
-        self._tar.close()
+        # End of archive: two zero blocks, then zeros up to a whole record, as tarfile does.
+        end = self._bytes + 2 * _BLOCK
+        self._write(b"\0" * (2 * _BLOCK + (-end) % _RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        _commit(self._tmp, self.path)
-        return ShardInfo(
-            name=self.path.name,
-            samples=self.samples,
-            bytes=self._hashing.tell(),
-            sha256=self._hashing.hexdigest(),
-        )
+        commit(self._tmp, self.path)
+        return ShardInfo(self.path.name, self.samples, self._bytes, self._hash.hexdigest())
 
     def abort(self) -> None:
         self._file.close()
@@ -160,24 +163,36 @@ class ShardWriter:
             self.abort()
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Atomic write (tmp + [fsync] + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    commit(tmp, path, durable)
+
+
+def write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
     """Atomic JSON write (tmp + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _commit(tmp, path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_bytes(path, text.encode("utf-8"), durable)
 
 
-def write_report(path: str | Path, rows: list[dict[str, str | None]]) -> None:
-    """Per-row outcome table (key, source, status "ok"/"failed", error), written atomically."""
+def write_report(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Per-row outcome table (REPORT_COLUMNS), written atomically."""
+    import pyarrow as pa  # the workers never write reports: keep their start-up light
+    import pyarrow.parquet as pq
+
+    rows = list(rows)
+    # Column by column: Table.from_pylist would import pandas, a second of start-up for nothing.
+    table = pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in REPORT_COLUMNS})
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=REPORT_SCHEMA), tmp)
-    _commit(tmp, path)
+    pq.write_table(table, tmp)
+    commit(tmp, path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -189,12 +204,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def new_manifest(
-    shards: list[ShardInfo], failed: int, args: dict[str, Any], tool_version: str
+    shards: list[ShardInfo], failed: int, args: dict[str, Any], tool_version: str, **fields: Any
 ) -> dict[str, Any]:
+    """The manifest; ``fields`` adds keys (rows, status, reports, fingerprint, ...)."""
     return {
         "format": MANIFEST_FORMAT,
         "samples": sum(s.samples for s in shards),
         "failed": failed,
+        **fields,
         "shards": [asdict(s) for s in shards],
         "args": args,
         "tool_version": tool_version,

@@ -4,9 +4,10 @@
     python -m data_tools.tokenizer --input captions.txt --output tok.model
     clipforge-tokenizer --help                                          # installed console script
 
-Captions come from the ``.txt`` members of a shard folder's tars (those listed in its
-manifest.json, else every ``*.tar``) or from a text file with one caption per line. Above
---max-sentences captions, a uniform sample (fixed seed) is used. Ids are fixed for the text
+Captions come from a shard folder's tars (those listed in its manifest.json, else every
+``*.tar``): every caption of KEY.json["captions"] (COCO/Flickr conversions), else KEY.txt; or
+from a text file with one caption per line. Above --max-sentences captions, a uniform sample
+(fixed seed) is used, and a large folder is read only in part (a random subset of shards). Ids are fixed for the text
 tower: pad=0, unk=1, bos=2 (start of text), eos=3 (end of text). Text is NFKC-normalized and
 lowercased. When the input is a shard folder with a manifest, its "tokenizer" field is set.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import sys
@@ -36,22 +38,60 @@ class TokenizerInputError(ValueError):
     """No usable captions; reported as one ``error:`` line, exit 2."""
 
 
-def shard_paths(directory: Path) -> list[Path]:
-    """Tars named by the manifest when there is one (a finished conversion), else all tars."""
-    if (directory / shards.MANIFEST_NAME).exists():
-        manifest = shards.read_manifest(directory)
-        return [directory / s["name"] for s in manifest["shards"]]
-    return sorted(directory.glob("*.tar"))
+def shard_paths(directory: Path, max_sentences: int | None = None, seed: int = 0) -> list[Path]:
+    """Tars named by the manifest when there is one (a finished conversion), else all tars.
+
+    When the manifest says the folder holds far more samples than ``max_sentences``, only a
+    seeded random subset of shards holding at least that many is read: sampling a billion
+    captions should not mean reading every shard.
+    """
+    if not (directory / shards.MANIFEST_NAME).exists():
+        return sorted(directory.glob("*.tar"))
+    entries = shards.read_manifest(directory)["shards"]
+    if max_sentences is not None and sum(s["samples"] for s in entries) > 2 * max_sentences:
+        picked, total = [], 0
+        for entry in random.Random(seed).sample(entries, len(entries)):
+            picked.append(entry)
+            total += entry["samples"]
+            if total >= max_sentences:
+                break
+        entries = sorted(picked, key=lambda s: s["name"])
+    return [directory / s["name"] for s in entries]
 
 
-def iter_shard_captions(directory: Path) -> Iterator[str]:
-    for path in shard_paths(directory):
+def _sample_captions(members: dict[str, bytes]) -> list[str]:
+    # COCO-style samples keep every caption in KEY.json["captions"]; KEY.txt holds the first.
+    if "json" in members:
+        try:
+            captions = json.loads(members["json"]).get("captions")
+        except (ValueError, AttributeError):
+            captions = None
+        if isinstance(captions, list) and captions:
+            return [str(c) for c in captions]
+    if "txt" in members:
+        return [members["txt"].decode("utf-8", "replace")]
+    return []
+
+
+def iter_shard_captions(
+    directory: Path, max_sentences: int | None = None, seed: int = 0
+) -> Iterator[str]:
+    for path in shard_paths(directory, max_sentences, seed):
         with tarfile.open(path) as tar:
+            key, members = None, {}
             for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    data = tar.extractfile(member)
-                    if data is not None:
-                        yield data.read().decode("utf-8")
+                if not member.isfile():
+                    continue
+                stem, _, ext = member.name.partition(".")
+                if ext not in ("txt", "json"):
+                    continue
+                if stem != key:
+                    yield from _sample_captions(members)
+                    key, members = stem, {}
+                data = tar.extractfile(member)
+                if data is not None:
+                    members[ext] = data.read()
+            yield from _sample_captions(members)
 
 
 def iter_text_captions(path: str) -> Iterator[str]:
@@ -116,7 +156,7 @@ def resolve_output(input_path: str, output: str | None) -> str:
 def read_captions(input_path: str, max_sentences: int, seed: int) -> list[str]:
     source = Path(input_path)
     if source.is_dir():
-        captions = iter_shard_captions(source)
+        captions = iter_shard_captions(source, max_sentences, seed)
     elif source.exists() or "://" in input_path:
         captions = iter_text_captions(input_path)
     else:

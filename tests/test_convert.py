@@ -1,8 +1,10 @@
-"""data_tools.convert end to end on tiny real images: shards, stats, reports, manifest.
+"""data_tools.convert end to end on tiny local images: shards, stats, reports, manifest, options.
 
-    PYTHONPATH=src:. .venv/bin/python -m pytest tests/test_convert.py -q
+    .venv/bin/python -m pytest tests/test_convert.py -q
 
-Captions say which row they came from ("row 7"), so every assertion can name its sample.
+Captions say which row they came from ("row 7"), so every assertion can name its sample. Real
+third-party inputs are in test_convert_inputs.py; HTTP, resume and Slurm slices in
+test_convert_remote.py.
 """
 
 from __future__ import annotations
@@ -110,8 +112,11 @@ def tmp(tmp_path: Path) -> Path:
 def test_csv_shards_members_captions_and_manifest(tmp: Path) -> None:
     out = run(tmp, "--cls-col", "label", "--extra-cols", "note", "--resize-mode", "center_crop")
     manifest = shards.read_manifest(out)
-    # 10 rows in slices of 4: rows 0-3, 4-7, 8-9.
-    assert [s["name"] for s in manifest["shards"]] == ["00000.tar", "00001.tar", "00002.tar"]
+    # 7 good rows in shards of exactly 4 (the last one short), whatever rows failed between.
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [
+        ("00000.tar", 4),
+        ("00001.tar", 3),
+    ]
     seen: list[int] = []
     for entry in manifest["shards"]:
         path = out / entry["name"]
@@ -129,41 +134,43 @@ def test_csv_shards_members_captions_and_manifest(tmp: Path) -> None:
             meta = json.loads(members["json"])
             assert meta["key"] == key and meta["source"] == FILES[row]
             assert meta["caption"] == f"row {row}" and meta["note"] == f"note {row}"
+            digest = hashlib.sha256((tmp / "img" / FILES[row]).read_bytes()).hexdigest()
+            assert meta["sha256"] == digest
             img = Image.open(io.BytesIO(members["jpg"]))
             assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 64))
             seen.append(row)
     assert seen == OK_ROWS
     assert manifest["samples"] == len(OK_ROWS) and manifest["failed"] == len(FAILING)
+    assert manifest["rows"] == len(FILES) and manifest["status"]["failed"] == len(FAILING)
     assert manifest["format"] == "clipforge-shards/1" and manifest["tokenizer"] is None
     assert manifest["args"]["samples_per_shard"] == 4 and manifest["tool_version"]
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not (out / "_work").exists()
 
 
-def test_failed_rows_in_reports_and_stats(tmp: Path) -> None:
+def test_reports_list_every_row_once_with_its_reason(tmp: Path) -> None:
     out = run(tmp)
+    manifest = shards.read_manifest(out)
+    assert manifest["reports"] == ["00000.parquet", "00001.parquet"]
     report = []
-    for i in range(3):
-        report += pq.read_table(out / f"{i:05d}.parquet").to_pylist()
+    for name in manifest["reports"]:
+        report += pq.read_table(out / name).to_pylist()
     assert [r["key"] for r in report] == [f"{i:09d}" for i in range(len(FILES))]
     for i, r in enumerate(report):
         if i in FAILING:
             assert r["status"] == "failed" and r["error"].startswith(FAILING[i]), r
         else:
             assert r["status"] == "ok" and r["error"] is None, r
-    stats = [json.loads((out / f"{i:05d}_stats.json").read_text()) for i in range(3)]
-    assert [(s["rows"], s["ok"], s["failed"]) for s in stats] == [(4, 4, 0), (4, 2, 2), (2, 1, 1)]
-    assert stats[1]["failure_reasons"] == {"decode failed": 1, "missing": 1}
-    assert stats[2]["failure_reasons"] == {"empty source": 1}
+    # Shard 1's report runs from its first sample (row 4) to the end, failures included.
+    stats = [json.loads((out / f"{i:05d}_stats.json").read_text()) for i in range(2)]
+    assert [(s["rows"], s["samples"], s["failed"]) for s in stats] == [(4, 4, 0), (6, 3, 3)]
+    assert stats[1]["failure_reasons"] == {"decode failed": 1, "empty source": 1, "missing": 1}
+    assert (stats[1]["first_key"], stats[1]["last_key"]) == ("000000004", "000000009")
 
 
-def test_slice_with_no_good_row_leaves_no_shard(tmp: Path) -> None:
-    out = run(tmp, "--samples-per-shard", "3")  # slice 2 is rows 6-8: all failing
-    manifest = shards.read_manifest(out)
-    assert [s["name"] for s in manifest["shards"]] == ["00000.tar", "00001.tar", "00003.tar"]
-    assert not (out / "00002.tar").exists()
-    stats = json.loads((out / "00002_stats.json").read_text())
-    assert (stats["ok"], stats["failed"]) == (0, 3)
-    assert manifest["samples"] == len(OK_ROWS)
+def test_only_the_last_shard_is_short(tmp: Path) -> None:
+    out = run(tmp, "--samples-per-shard", "3")
+    counts = [s["samples"] for s in shards.read_manifest(out)["shards"]]
+    assert counts == [3, 3, 1]
 
 
 def test_webdataset_reads_the_shards(tmp: Path) -> None:
@@ -242,9 +249,9 @@ def test_decompression_bomb_is_a_row_error(tmp: Path) -> None:
         images.process_image(
             (tmp / "img" / "rgb.jpg").read_bytes(), images.ImageOptions(max_pixels=1000)
         )
-    out = run(tmp, "--max-pixels", "20000")  # of rows 0-3 only 150x100 and 120x160 fit
-    stats = json.loads((out / "00000_stats.json").read_text())
-    assert stats["ok"] == 2 and stats["failure_reasons"] == {"image too large": 2}
+    out = run(tmp, "--max-pixels", "20000")  # 320x240, 200x300 and 300x200 do not fit
+    manifest = shards.read_manifest(out)
+    assert manifest["samples"] == 4 and manifest["failure_reasons"]["image too large"] == 3
 
 
 def test_unknown_column_is_one_error_line_and_exit_2(tmp: Path) -> None:
@@ -272,9 +279,9 @@ def test_malformed_table_is_exit_2(tmp: Path, capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err.startswith("error:")
 
 
-def test_output_identical_for_any_process_count(tmp: Path) -> None:
+def test_output_identical_for_any_process_count_and_chunking(tmp: Path) -> None:
     one = run(tmp, "--processes", "1", out="p1")
-    two = run(tmp, "--processes", "2", out="p2")
+    two = run(tmp, "--processes", "2", "--chunk-rows", "3", out="p2")
     names = sorted(p.name for p in one.iterdir() if p.name != "manifest.json")
     assert names == sorted(p.name for p in two.iterdir() if p.name != "manifest.json")
     for name in names:
@@ -282,19 +289,97 @@ def test_output_identical_for_any_process_count(tmp: Path) -> None:
     assert shards.read_manifest(one)["shards"] == shards.read_manifest(two)["shards"]
 
 
+def test_rerun_is_a_no_op_and_other_settings_need_overwrite(
+    tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run(tmp)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run(tmp)  # same command: already finished
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "nothing to do" in capsys.readouterr().err
+    argv = ["--input", str(tmp / "rows.csv"), "--images", str(tmp / "img"), "--output", str(out)]
+    assert convert.main([*argv, "--image-size", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert convert.main([*argv, "--image-size", "32", "--overwrite"]) == 0
+    assert pixels(read_tar(out / "00000.tar")["000000000"]["jpg"]).size == (32, 32)
+
+
+def test_dedupe_by_url_and_content_first_row_wins(tmp: Path) -> None:
+    (tmp / "img" / "copy.jpg").write_bytes((tmp / "img" / "rgb.jpg").read_bytes())
+    table = write_csv(tmp / "dup.csv", ["rgb.jpg", "gray.png", "rgb.jpg", "copy.jpg"])
+    out = run(tmp, "--dedupe", "both", table=table)
+    report = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [r["status"] for r in report] == ["ok", "ok", "duplicate", "duplicate"]
+    assert report[2]["error"] == "duplicate url: same source as 000000000"
+    assert report[3]["error"] == "duplicate content: same bytes as 000000000"
+    assert sorted(read_tar(out / "00000.tar")) == ["000000000", "000000001"]
+    kept = run(tmp, "--dedupe", "none", table=table, out="nodedupe")
+    assert shards.read_manifest(kept)["samples"] == 4
+
+
+def test_filters_and_caption_cleanup(tmp: Path) -> None:
+    table = tmp / "rows.jsonl"
+    captions = ["  a  red\n\tcar ", "ab", "x" * 50, "bad \udcff utf-8", "fine caption"]
+    files = ["rgb.jpg", "rgb.jpg", "rgb.jpg", "gray.png", "palette.png"]
+    with open(table, "w", encoding="utf-8") as f:
+        for name, caption in zip(files, captions, strict=True):
+            f.write(json.dumps({"url": name, "caption": caption}) + "\n")
+    argv = ["--min-caption-length", "3", "--max-caption-length", "40", "--min-image-size", "60"]
+    out = run(tmp, *argv, "--max-aspect-ratio", "1.45", table=table)
+    report = pq.read_table(out / "00000.parquet").to_pylist()
+    assert [r["status"] for r in report] == ["ok", "filtered", "filtered", "ok", "filtered"]
+    assert report[1]["error"].startswith("caption too short")
+    assert report[2]["error"].startswith("caption too long")
+    assert report[4]["error"].startswith("aspect ratio")  # 150x100 = 1.5
+    assert report[3]["note"] == "caption: invalid UTF-8 dropped"
+    samples = read_tar(out / "00000.tar")
+    assert samples["000000000"]["txt"] == b"a red car"
+    assert samples["000000003"]["txt"] == b"bad utf-8"
+    small = run(tmp, "--min-image-size", "100", table=table, out="small")
+    statuses = [r["status"] for r in pq.read_table(small / "00000.parquet").to_pylist()]
+    assert statuses == ["ok", "ok", "ok", "filtered", "ok"]  # gray.png is 90x70
+
+
+def test_reencode_policies_and_webp(tmp: Path) -> None:
+    sized = tmp / "img" / "sized.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(sized, quality=80)
+    table = write_csv(tmp / "r.csv", ["sized.jpg", "rgb.jpg", "palette.png"])
+    crop = ("--resize-mode", "center_crop")
+    kept = read_tar(run(tmp, *crop, table=table, out="ifneeded") / "00000.tar")
+    assert kept["000000000"]["jpg"] == sized.read_bytes()  # already 64x64 RGB JPEG
+    assert kept["000000001"]["jpg"] != (tmp / "img" / "rgb.jpg").read_bytes()
+    always = read_tar(run(tmp, *crop, "--reencode", "always", table=table, out="a") / "00000.tar")
+    assert always["000000000"]["jpg"] != sized.read_bytes()
+    never = read_tar(
+        run(tmp, "--resize-mode", "no", "--reencode", "never", table=table, out="n") / "00000.tar"
+    )
+    assert never["000000002"]["png"] == (tmp / "img" / "palette.png").read_bytes()
+    webp = read_tar(run(tmp, *crop, "--encode-format", "webp", table=table, out="w") / "00000.tar")
+    assert set(webp["000000001"]) == {"webp", "txt", "json"}
+    assert pixels(webp["000000001"]["webp"]).format == "WEBP"
+
+
+def test_option_problems_are_one_error_line(tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_csv(tmp / "rows.csv")
+    argv = ["--input", str(table), "--output", str(tmp / "o"), "--reencode", "never"]
+    assert convert.main([*argv, "--slice-index", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reencode never" in err[0] and "--slice-count" in err[0]
+    assert not (tmp / "o").exists()
+
+
+def test_wrong_images_folder_is_one_clear_error(tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    table = write_csv(tmp / "rows.csv", ["rgb.jpg"] * 10)
+    argv = ["--input", str(table), "--output", str(tmp / "o"), "--images", str(tmp)]
+    assert convert.main(argv) == 2
+    assert "--images" in capsys.readouterr().err
+
+
 def test_format_detection() -> None:
     assert readers.detect_format("s3://b/x.CSV.gz") == "csv"
     assert readers.detect_format("rows.jsonl") == "jsonl"
+    assert readers.detect_format("x.tsv.gz") == "tsv"
+    assert readers.detect_format("s3://b/{00000..00009}.tar") == "webdataset"
+    assert readers.detect_format("Flickr8k.token.txt") == "flickr"
     with pytest.raises(readers.TableError, match="--input-format"):
         readers.detect_format("rows.txt")
-
-
-@pytest.mark.parametrize("name", ["derived_test_1000.csv", "derived_test_1000.jsonl"])
-def test_reads_img2dataset_input_table(name: str, shared_data: Path) -> None:
-    # shared_data (conftest) is ../shared/data beside the repo; it skips where that is absent.
-    path = shared_data / "formats" / "img2dataset_input" / name
-    rows = readers.to_rows(readers.read_table(str(path)), readers.ColumnSpec("URL", "TEXT"))
-    assert len(rows) == 1000
-    assert rows[0].key == "000000000" and rows[-1].key == "000000999"
-    assert all(r.source.startswith(("http://", "https://")) for r in rows)
-    assert rows[1].caption == "Tavern Brawl by velinov"

@@ -90,3 +90,33 @@ def test_text_input_needs_output(tmp_path: Path, capsys: pytest.CaptureFixture[s
     text.write_text("a cat\n", encoding="utf-8")
     assert train_tool.main(["--input", str(text)]) == 2
     assert capsys.readouterr().err.startswith("error: --output is required")
+
+
+def test_coco_style_json_captions_are_all_used(tmp_path: Path) -> None:
+    import json
+
+    with shards.ShardWriter(tmp_path / "00000.tar") as writer:
+        for i in range(3):
+            caps = [f"caption {i} number {j}" for j in range(5)]
+            meta = json.dumps({"key": f"{i:09d}", "captions": caps}).encode()
+            writer.add(f"{i:09d}", {"jpg": b"x", "txt": caps[0].encode(), "json": meta})
+        writer.add("000000003", {"jpg": b"x", "txt": b"only a txt caption"})
+        writer.close()
+    got = list(train_tool.iter_shard_captions(tmp_path))
+    assert len(got) == 16 and got[5] == "caption 1 number 0" and got[-1] == "only a txt caption"
+
+
+def test_large_folder_reads_a_seeded_subset_of_shards(tmp_path: Path) -> None:
+    infos = []
+    for s in range(10):
+        with shards.ShardWriter(tmp_path / f"{s:05d}.tar") as writer:
+            for i in range(20):
+                writer.add(f"{s}{i:08d}", {"txt": f"shard {s} caption {i}".encode()})
+            infos.append(writer.close())
+    shards.write_manifest(tmp_path, shards.new_manifest(infos, 0, {}, "test"))
+    picked = train_tool.shard_paths(tmp_path, max_sentences=30, seed=0)
+    assert len(picked) == 2  # 2 x 20 >= 30 captions, out of 200
+    assert picked == train_tool.shard_paths(tmp_path, max_sentences=30, seed=0)
+    assert len(train_tool.shard_paths(tmp_path, max_sentences=150)) == 10  # not far more: all
+    sample = train_tool.read_captions(str(tmp_path), 30, seed=0)
+    assert len(sample) == 30 and {c.split()[1] for c in sample} <= {p.stem[-1] for p in picked}
