@@ -4,15 +4,21 @@ A source (`data.train=`) is one of:
   - a shard folder holding `manifest.json` (written by data_tools.convert),
   - a `manifest.json` path or URL,
   - a folder of `.tar` files without a manifest (img2dataset output: sizes from `*_stats.json`),
-  - a brace pattern such as `s3://bucket/{00000..00099}.tar`,
-  - several of these joined with `::`.
-Every path may be an fsspec URL.
+  - a brace pattern such as `s3://bucket/{00000..00099}.tar` (sizes from a `manifest.json` in
+    the same folder when there is one, else from local `*_stats.json`, else unknown),
+  - a `.txt` file listing shard URLs, one per line (sizes found as for a brace pattern),
+  - several of these joined with `::`; each keeps its index in `ShardSet.sources`, which the
+    mixing weights (`data.weights`, one per source) refer to.
+Every path may be an fsspec URL; `pipe:CMD` is a shard read from a command's stdout.
+
+    python -m clipforge.data.shards SOURCE      # print the shards and sizes a source resolves to
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import sys
 from dataclasses import dataclass, field
 
 import braceexpand
@@ -31,6 +37,16 @@ class ShardSet:
     tokenizer: str | None = None
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
+    # Index of the `::`-separated source each shard came from (mixing weights refer to it).
+    sources: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = [0] * len(self.urls)
+
+    @property
+    def num_sources(self) -> int:
+        return max(self.sources, default=-1) + 1
 
     @property
     def samples(self) -> int | None:
@@ -43,6 +59,7 @@ class ShardSet:
             self.tokenizer or other.tokenizer,
             self.classnames or other.classnames,
             self.templates or other.templates,
+            self.sources + [i + self.num_sources for i in other.sources],
         )
 
 
@@ -96,8 +113,7 @@ def _from_folder(fs: fsspec.AbstractFileSystem, path: str, protocol_prefix: str)
         raise SourceError(f"{path}: no manifest.json and no .tar shards")
     counts: list[int | None] = []
     for tar in tars:
-        stem = tar.rsplit(".tar", 1)[0].removesuffix(".tgz")
-        stats = _read_text(fs, stem + "_stats.json")
+        stats = _read_text(fs, _stats_path(tar))
         # img2dataset writes "successes"; our converter writes "samples".
         counts.append(_count_from_stats(stats))
     return _sidecars(fs, path, ShardSet([protocol_prefix + t for t in tars], counts))
@@ -116,10 +132,50 @@ def _count_from_stats(text: str | None) -> int | None:
     return None
 
 
+def _counts_for(urls: list[str]) -> list[int | None]:
+    """Sizes of listed shards: from a manifest.json beside them (one read per folder), else from
+    their `_stats.json` where the shards are local (one small read each), else unknown."""
+    by_folder: dict[str, dict[str, int]] = {}
+    counts: list[int | None] = []
+    for url in urls:
+        if url.startswith("pipe:"):
+            counts.append(None)
+            continue
+        folder, name = posixpath.split(url)
+        if folder not in by_folder:
+            by_folder[folder] = _manifest_counts(folder)
+        count = by_folder[folder].get(name)
+        if count is None and "://" not in url:
+            count = _count_from_stats(_read_text(fsspec.filesystem("file"), _stats_path(url)))
+        counts.append(count)
+    return counts
+
+
+def _manifest_counts(folder: str) -> dict[str, int]:
+    try:
+        fs, path = fsspec.core.url_to_fs(posixpath.join(folder, "manifest.json"))
+        text = _read_text(fs, path)
+        return {s["name"]: int(s["samples"]) for s in json.loads(text)["shards"]} if text else {}
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return {}  # no readable manifest there (or no fsspec backend for the protocol yet)
+
+
+def _stats_path(tar: str) -> str:
+    return tar.rsplit(".tar", 1)[0].removesuffix(".tgz") + "_stats.json"
+
+
+def _from_list(fs: fsspec.AbstractFileSystem, path: str) -> ShardSet:
+    text = _read_text(fs, path) or ""
+    urls = [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+    if not urls:
+        raise SourceError(f"{path}: shard list is empty")
+    return ShardSet(urls, _counts_for(urls))
+
+
 def _resolve_one(source: str) -> ShardSet:
     if any(c in source for c in "{}"):
         urls = list(braceexpand.braceexpand(source))
-        return ShardSet(urls, [None] * len(urls))
+        return ShardSet(urls, _counts_for(urls))
     if source.startswith("pipe:"):
         return ShardSet([source], [None])
     fs, path = fsspec.core.url_to_fs(source)
@@ -129,8 +185,10 @@ def _resolve_one(source: str) -> ShardSet:
         return _from_manifest(fs, path, prefix)
     if fs.isdir(path):
         return _from_folder(fs, path, prefix)
+    if path.endswith(".txt") and fs.exists(path):
+        return _from_list(fs, path)
     if fs.exists(path):
-        return ShardSet([source], [None])
+        return ShardSet([source], _counts_for([source]))
     raise SourceError(f"{source}: no such shard folder, manifest or shard")
 
 
@@ -143,3 +201,46 @@ def resolve(source: str) -> ShardSet:
     for part in parts[1:]:
         out = out + _resolve_one(part)
     return out
+
+
+def source_count(source: str) -> int:
+    """How many `::`-separated sources a `data.train` value names (for validating weights)."""
+    return len([s for s in source.split("::") if s.strip()])
+
+
+def draw_weights(sset: ShardSet, weights: list[float] | None = None) -> list[float]:
+    """Probability of drawing each shard: a source's weight spread over its shards by their
+    sizes. Without weights every sample is equally likely (sources weighted by their size).
+    A shard of unknown size counts as the mean of its source's known sizes (1 if none known)."""
+    n_src = sset.num_sources
+    if weights is not None and len(weights) != n_src:
+        raise SourceError(f"data.weights has {len(weights)} entries for {n_src} sources")
+    sizes = [0.0] * len(sset.urls)
+    src_total = [0.0] * n_src
+    for src in range(n_src):
+        idx = [i for i, s in enumerate(sset.sources) if s == src]
+        known = [sset.counts[i] for i in idx if sset.counts[i] is not None]
+        fill = sum(known) / len(known) if known else 1.0  # type: ignore[arg-type]
+        for i in idx:
+            sizes[i] = float(sset.counts[i] if sset.counts[i] is not None else fill)  # type: ignore[arg-type]
+            src_total[src] += sizes[i]
+    if weights is None:
+        probs = sizes
+    else:
+        probs = [
+            weights[s] * size / src_total[s] if src_total[s] else 0.0
+            for s, size in zip(sset.sources, sizes)
+        ]
+    total = sum(probs)
+    if total <= 0:
+        raise SourceError("data.weights leave no shard with a chance of being drawn")
+    return [p / total for p in probs]
+
+
+if __name__ == "__main__":
+    shard_set = resolve(sys.argv[1])
+    for url, count, src in zip(shard_set.urls, shard_set.counts, shard_set.sources):
+        print(f"{src}\t{count if count is not None else '?'}\t{url}")
+    print(
+        f"{len(shard_set.urls)} shards, {shard_set.samples or 'unknown'} samples", file=sys.stderr
+    )

@@ -2,6 +2,8 @@
 
 Batch b of rank r is a pure function of (seed, rank, b), so resuming at any step continues
 the same stream without saving anything but the batch count.
+
+    python -m clipforge.train experiment=smoke_cpu run_dir=/tmp/smoke     # data=synthetic
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from clipforge.data.pipeline import seed_for
+from clipforge.data.plan import seed_for
 
 
 class SyntheticLoader:
@@ -35,6 +37,10 @@ class SyntheticLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches = state["batches"]
+
+    def metrics(self) -> dict[str, float]:
+        """The loader counters the trainer logs (same names as TrainLoader.metrics)."""
+        return {"data_errors": self.errors}
 
     def make_batch(self, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed_for(self.seed, self.rank, index))

@@ -1,7 +1,22 @@
-"""Image transforms: random resized crop for training, resize + center crop for eval (CLIP's)."""
+"""Image transforms: random resized crop for training, resize + center crop for eval (CLIP's).
+
+    python -m clipforge.data.transforms IMAGE.jpg [SIZE]     # time the training transform
+
+The training transform is split in two so the loader's workers do the float work once per
+batch: `crop` (per image: RandomResizedCrop as one PIL resize over the crop box -> uint8 HWC
+tensor) and `normalize` (per batch: uint8 BHWC -> float BCHW, (x / 255 - mean) / std in one
+scaled copy and one subtraction). Calling the transform on one image does both, so it is a
+drop-in for torchvision's ToTensor + Normalize pipeline (same crops for the same torch seed).
+"""
 
 from __future__ import annotations
 
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
 from torchvision import transforms as T
 
 from clipforge.config import AugmentConfig
@@ -11,19 +26,38 @@ def _to_rgb(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def train_transform(size: int, aug: AugmentConfig) -> T.Compose:
-    return T.Compose(
-        [
-            _to_rgb,
-            T.RandomResizedCrop(
-                size,
-                scale=(aug.scale_min, aug.scale_max),
-                interpolation=T.InterpolationMode.BICUBIC,
-            ),
-            T.ToTensor(),
-            T.Normalize(aug.mean, aug.std),
-        ]
-    )
+class TrainTransform:
+    """RandomResizedCrop(size, scale, bicubic) + ToTensor + Normalize, split per image/batch."""
+
+    def __init__(self, size: int, aug: AugmentConfig):
+        self.size, self.scale = size, (aug.scale_min, aug.scale_max)
+        std = torch.tensor(aug.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mul = 1.0 / (255.0 * std)
+        self._sub = torch.tensor(aug.mean, dtype=torch.float32).view(1, 3, 1, 1) / std
+
+    def crop(self, img: Image.Image) -> torch.Tensor:
+        """One image -> uint8 [size, size, 3] (crop and resize in one resampling pass)."""
+        img = _to_rgb(img)
+        # torchvision's own parameter draw, from torch's default generator, so seeding that
+        # generator replays the crop.
+        i, j, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), [3 / 4, 4 / 3])
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=(j, i, j + w, i + h))
+        return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+    def normalize(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> normalized float [B, 3, H, W] (contiguous), into `out` if
+        given (the loader passes shared memory, saving the copy a worker's queue would make)."""
+        if out is None:
+            out = torch.empty(batch.shape[0], 3, batch.shape[1], batch.shape[2])
+        out.copy_(batch.permute(0, 3, 1, 2))
+        return out.mul_(self._mul).sub_(self._sub)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.crop(img)[None])[0]
+
+
+def train_transform(size: int, aug: AugmentConfig) -> TrainTransform:
+    return TrainTransform(size, aug)
 
 
 def eval_transform(size: int, aug: AugmentConfig) -> T.Compose:
@@ -36,3 +70,13 @@ def eval_transform(size: int, aug: AugmentConfig) -> T.Compose:
             T.Normalize(aug.mean, aug.std),
         ]
     )
+
+
+if __name__ == "__main__":
+    image = Image.open(sys.argv[1])
+    image.load()
+    tf = train_transform(int(sys.argv[2]) if len(sys.argv) > 2 else 224, AugmentConfig())
+    t0 = time.perf_counter()
+    for _ in range(50):
+        x = tf(image)
+    print(f"{tuple(x.shape)}: {(time.perf_counter() - t0) / 50 * 1e3:.2f} ms per image")
