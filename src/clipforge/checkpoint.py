@@ -5,7 +5,9 @@
       meta.json            git revision, world size, clipforge version
       metrics.jsonl        one line per logged step
       tokenizer.model      the sentencepiece model the text tower was trained with
-      checkpoints/         DeepSpeed tags step_00000100/ ... and DeepSpeed's `latest` pointer
+      checkpoints/         DeepSpeed tags step_00000100/ ... and DeepSpeed's `latest` pointer;
+                           a tag counts only once it holds COMPLETE (written after every rank
+                           saved), so a save cut short by a crash is never resumed from
       model.safetensors    fp32 weights of the newest checkpoint (model only, no optimizer)
 
 Client state saved beside DeepSpeed's shards: step, samples seen, loader position, and the
@@ -29,6 +31,8 @@ from safetensors.torch import load_file, save_file
 import clipforge
 
 _TAG = re.compile(r"^step_(\d{8})$")
+# Written by rank 0 after every rank has finished writing the tag (train.save's barrier).
+COMPLETE = "COMPLETE"
 
 
 def ckpt_dir(run_dir: str | Path) -> Path:
@@ -82,27 +86,59 @@ def list_tags(run_dir: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
 
 
+def is_complete(root: Path, tag: str) -> bool:
+    return (Path(root) / tag / COMPLETE).is_file()
+
+
+def complete_tags(run_dir: str | Path) -> list[str]:
+    root = ckpt_dir(run_dir)
+    return [t for t in list_tags(run_dir) if is_complete(root, t)]
+
+
+def mark_complete(root: Path, tag: str, world_size: int) -> None:
+    """Call on one rank once every rank's files of `tag` are on disk (after a barrier)."""
+    path = Path(root) / tag / COMPLETE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"tag": tag, "world_size": world_size}) + "\n")
+    tmp.replace(path)
+
+
+def unmark_complete(root: Path, tag: str) -> None:
+    """Before (re)writing a tag: until it is marked again it is not a resume candidate."""
+    (Path(root) / tag / COMPLETE).unlink(missing_ok=True)
+
+
 def resolve_resume(run_dir: str | Path, resume: str | None) -> tuple[Path, str] | None:
-    """`latest` -> newest complete tag in run_dir; a path -> that tag directory; None -> fresh."""
+    """`latest` -> newest complete tag in run_dir; a path -> that tag directory; None -> fresh.
+
+    DeepSpeed's own `latest` pointer is not trusted: it names the tag as soon as rank 0 has
+    written it, while other ranks may still be writing (or have been killed) mid-save.
+    """
     if not resume:
         return None
     if resume == "latest":
-        root = ckpt_dir(run_dir)
-        pointer = root / "latest"
-        if pointer.is_file():
-            tag = pointer.read_text().strip()
-            if (root / tag).is_dir():
-                return root, tag
-        tags = list_tags(run_dir)
-        return (root, tags[-1]) if tags else None
+        tags = complete_tags(run_dir)
+        return (ckpt_dir(run_dir), tags[-1]) if tags else None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint directory")
     if _TAG.match(path.name):
+        if not is_complete(path.parent, path.name):
+            raise FileNotFoundError(
+                f"resume={resume}: incomplete checkpoint (no {COMPLETE}: its save was cut "
+                "short); resume from an earlier one"
+            )
         return path.parent, path.name
     if (path / "checkpoints").is_dir():
         return resolve_resume(path, "latest")
     raise FileNotFoundError(f"resume={resume}: not a run directory or a step_NNNNNNNN checkpoint")
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (all devices): a run's start is a function of its seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,13 +164,19 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save_rank_state(root: Path, tag: str, rank: int, state: dict[str, Any]) -> None:
     """Per-rank client state (loader position and RNG differ by rank; DeepSpeed's client_state
-    is written by rank 0 only). Written before DeepSpeed's shards and `latest` pointer, so a
-    tag that `latest` names always has them."""
+    is written by rank 0 only). Written before DeepSpeed's shards; rank 0 first removes the
+    tag's COMPLETE mark, in case an older save of the same tag is being overwritten."""
     path = Path(root) / tag / f"client_rank{rank:05d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        unmark_complete(root, tag)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def has_rank_state(root: Path, tag: str, rank: int) -> bool:
+    return (Path(root) / tag / f"client_rank{rank:05d}.pt").is_file()
 
 
 def load_rank_state(root: Path, tag: str, rank: int) -> dict[str, Any]:
@@ -147,11 +189,14 @@ def load_rank_state(root: Path, tag: str, rank: int) -> dict[str, Any]:
 
 
 def prune(run_dir: str | Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` tags (0 keeps everything); returns the removed tags."""
-    tags = list_tags(run_dir)
-    if keep <= 0 or len(tags) <= keep:
+    """Delete all but the newest `keep` complete tags (0 keeps everything), and incomplete
+    tags older than the newest complete one (left by a crash mid-save); returns them."""
+    complete = complete_tags(run_dir)
+    removed = complete[:-keep] if keep > 0 else []
+    if complete:
+        removed += [t for t in list_tags(run_dir) if t < complete[-1] and t not in complete]
+    if not removed:
         return []
-    removed = tags[:-keep]
     import shutil
 
     for tag in removed:

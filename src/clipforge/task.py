@@ -1,29 +1,75 @@
-"""The training task: model + loss behind one forward(batch) -> (loss, metrics).
+"""The training task: model + loss behind the small protocol the engine drives.
 
-The engine only sees this module, so it stays ignorant of CLIP; the model returns a dict keyed
-like the loss's arguments, which lets the loss be swapped without touching either side.
+The engine only sees this module, so it stays ignorant of CLIP. The protocol (`TrainTask`):
+
+- `embed(batch) -> dict[str, Tensor]`: the model's outputs for a batch. Every tensor is indexed
+  by sample along dim 0 ([B, ...]) except those named in `shared_outputs`, which do not depend on
+  the batch (CLIP's temperature).
+- `loss_from(embeddings) -> (loss, metrics)`: the scalar loss of this rank and detached metrics,
+  from a dict shaped like `embed`'s output. Any cross-rank gather lives in here (loss/gather.py),
+  so it runs once over whatever rows it is given: one micro batch, or the rows of K chunks
+  concatenated when the engine accumulates with cached embeddings (engine/accumulate.py).
+- `forward(batch, embed_only=False)`: `loss_from(embed(batch))`, or `embed(batch)` alone. The
+  engine calls the task through DeepSpeed's wrapper (hooks, ZeRO-3 gathering), whose forward is
+  the only entry point, hence the flag.
+- `compile_model(**kwargs)`: torch.compile what is worth compiling (the towers, never the loss
+  with its collectives), in place so that parameter names and checkpoints stay unchanged.
+
+The model returns a dict keyed like the loss's arguments, so the loss can be swapped without
+touching either side.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+Batch = dict[str, Any]
+
+
+class TrainTask(Protocol):
+    """What engine/ needs from a task module (ContrastiveTask below is the one we ship)."""
+
+    shared_outputs: tuple[str, ...]
+
+    def embed(self, batch: Batch) -> dict[str, Tensor]: ...
+
+    def loss_from(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def compile_model(self, **kwargs: Any) -> None: ...
 
 
 class ContrastiveTask(nn.Module):
+    # The temperature is one value for the whole batch: accumulation must count it once.
+    shared_outputs: tuple[str, ...] = ("logit_scale",)
+
     def __init__(self, model: nn.Module, loss: nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
 
-    def forward(
-        self, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def embed(self, batch: Batch) -> dict[str, Tensor]:
         # Under bf16/fp16 DeepSpeed casts the weights; the images must follow.
         dtype = self.model.logit_scale.dtype
-        out = self.model(batch["image"].to(dtype), batch["text"])
+        return self.model(batch["image"].to(dtype), batch["text"])
+
+    def loss_from(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        # The loss runs in fp32 whatever the towers' precision: it is [B, N] small next to the
+        # towers, and a bf16 softmax over N logits loses the small negatives' gradients.
+        out = {k: v.float() for k, v in embeddings.items()}
         loss = self.loss(**out)
-        return loss, {"logit_scale": out["logit_scale"].detach().float().mean()}
+        return loss, {"logit_scale": out["logit_scale"].detach().mean()}
+
+    def forward(
+        self, batch: Batch, embed_only: bool = False
+    ) -> dict[str, Tensor] | tuple[Tensor, dict[str, Tensor]]:
+        embeddings = self.embed(batch)
+        return embeddings if embed_only else self.loss_from(embeddings)
+
+    def compile_model(self, **kwargs: Any) -> None:
+        self.model.compile(**kwargs)
 
     # Evaluation goes through the task too, so that the engine (which wraps this module, and
     # under ZeRO-3 gathers its partitioned weights) stays the only handle on the parameters.

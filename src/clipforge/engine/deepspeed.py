@@ -1,15 +1,20 @@
 """DeepSpeed as the trainer, on CPU (gloo) as on GPUs (nccl): the project's one deepspeed import.
 
-The engine wraps a *task* module whose forward takes a batch dict and returns
-`(loss, metrics)`; it never knows the task is CLIP. Batch sizes, clipping and precision are
-derived here, once, from the typed config, on top of the plain DeepSpeed dict from
-conf/deepspeed/ (ZeRO stage and its knobs).
+The engine wraps a *task* module (clipforge/task.py, `TrainTask`): `embed(batch)` gives the
+model's outputs, `loss_from(embeddings)` the loss and metrics; the engine never knows the task
+is CLIP. Batch sizes, accumulation, clipping and precision are derived here, once, from the
+typed config, on top of the plain DeepSpeed dict from conf/deepspeed/ (ZeRO stage and knobs).
+
+Accumulation (train.accum_chunks=K, engine/accumulate.py): each rank's micro batch is split
+into K chunks. DeepSpeed sees K micro-steps of batch_size/K per optimizer step
+(gradient_accumulation_steps=K), so its train_batch_size stays batch_size * world_size.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -19,27 +24,43 @@ import torch
 from torch import nn
 
 from clipforge.config import Config
+from clipforge.engine.accumulate import gradcache_step, plain_step, split_batch
 from clipforge.engine.dist import DistInfo
 from clipforge.engine.optim import build_optimizer, scheduler_factory
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 import deepspeed  # noqa: E402  (must follow DS_ACCELERATOR)
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 ds_logger.setLevel(logging.WARNING)
+
+# The only non-tensor classes DeepSpeed 0.19 pickles into the checkpoints we write (found by
+# listing the pickle globals of ZeRO 0-3 checkpoints in fp32, bf16 and fp16): plain records
+# with no code of their own. tests/test_engine.py loads stages 0, 2 (fp16) and 3 back.
+_DS_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed dict: conf/deepspeed/<stage>.yaml plus what the typed config decides."""
     ds = copy.deepcopy(dict(cfg.deepspeed))
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-    ds["gradient_accumulation_steps"] = ds.get("gradient_accumulation_steps", 1)
-    ds["train_batch_size"] = cfg.train.batch_size * world_size * ds["gradient_accumulation_steps"]
-    ds["gradient_clipping"] = cfg.train.grad_clip
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
+    chunks = cfg.train.accum_chunks
+    # config.validate rejects a gradient_accumulation_steps in the dict: it is derived here.
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size // chunks
+    ds["gradient_accumulation_steps"] = chunks
+    ds["train_batch_size"] = cfg.train.batch_size * world_size
+    # 0 turns clipping off; infinity does the same but still has DeepSpeed compute the global
+    # norm, which the logs and the divergence check need.
+    ds["gradient_clipping"] = cfg.train.grad_clip or math.inf
+    # train.precision decides what is enabled; other knobs of these sections (fp16's
+    # initial_scale_power, loss_scale_window, ...) pass through from the DeepSpeed dict.
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     # loss_scale 0 selects the dynamic loss scale, which fp16 needs to avoid underflow.
-    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "loss_scale": 0}
+    ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
     # Our AdamW is torch's: ZeRO accepts it once told that a client optimizer is intended.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
@@ -47,8 +68,21 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, but loading with weights_only=True.
+
+    DeepSpeed's own loader calls torch.load(weights_only=False), which runs arbitrary code from
+    a crafted checkpoint. Ours admits tensors, containers and the four DeepSpeed classes above.
+    """
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_DS_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class Engine:
-    """One training step = forward, backward, step; plus checkpoints and weight export."""
+    """One training step = forward, backward, step (over K chunks when accumulating); plus
+    checkpoints and weight export."""
 
     def __init__(self, task: nn.Module, cfg: Config, dist_info: DistInfo):
         if dist_info.device.type == "cpu":
@@ -56,8 +90,12 @@ class Engine:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.cfg = cfg
         self.device = dist_info.device
+        self.chunks = cfg.train.accum_chunks
         self.ds_config = build_ds_config(cfg, dist_info.world_size)
         task = task.to(self.device)
+        if cfg.train.compile:
+            # In place (nn.Module.compile): parameter names, hence checkpoints, stay the same.
+            task.compile_model(dynamic=False)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=task,
             optimizer=build_optimizer(task, cfg.optim),
@@ -65,7 +103,23 @@ class Engine:
             config=self.ds_config,
             dist_init_required=False,
         )
+        self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
         self.zero_stage = self.ds.zero_optimization_stage()
+        if self.zero_stage == 0 and dist_info.world_size == 1:
+            # Alone, DeepSpeed still flattens every gradient, "all-reduces" it and copies it
+            # back: ~10% of a small model's CPU step, for nothing. (ZeRO 1-3 keep their path:
+            # it also moves gradients into their partitions.)
+            self.ds.enable_backward_allreduce = False
+        self._fp32_grad_norm: torch.Tensor | None = None
+        if self.zero_stage == 0 and cfg.train.precision == "fp32":
+            # This is the one path where DeepSpeed clips but throws the norm away.
+            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
+
+    def _clip_fp32_gradients(self) -> None:
+        # Under ZeRO-0 the gradients are already averaged over ranks: the local norm is global.
+        self._fp32_grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.module.parameters(), self.ds.gradient_clipping()
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -77,15 +131,52 @@ class Engine:
             for k, v in batch.items()
         }
 
+    # -- training ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Forward, backward and one optimizer step over `batch`; returns float metrics.
+
+        `grad_norm` is the global norm before clipping; it is left out when fp16's dynamic loss
+        scale skipped the step (an overflow there is expected, not a divergence).
+        """
         self.ds.train()
-        loss, metrics = self.ds(self._to_device(batch))
-        self.ds.backward(loss)
+        batch = self._to_device(batch)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it on)
+        if self.chunks == 1:
+            loss, metrics = self.ds(batch)
+            self._backward_and_step(loss)
+        elif self.cfg.train.accum_mode == "gradcache":
+            loss, metrics = self._gradcache(batch)
+        else:
+            loss, metrics = plain_step(
+                split_batch(batch, self.chunks), self.ds, self._backward_and_step
+            )
+        return {"lr": lr, **self._report(loss, metrics)}
+
+    def _gradcache(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return gradcache_step(
+            split_batch(batch, self.chunks),
+            embed=lambda chunk: self.ds(chunk, embed_only=True),
+            loss_from=self.module.loss_from,
+            # The surrogate's gradients are already the exact sum over chunks: no 1/K.
+            backward=lambda s: self._backward_and_step(s, scale_wrt_gas=False),
+            shared=self.module.shared_outputs,
+            device=self.device,
+        )
+
+    def _backward_and_step(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        # DeepSpeed wants step() after every micro-step; it only updates at the K-th.
+        self.ds.backward(loss, scale_wrt_gas=scale_wrt_gas)
         self.ds.step()
-        out = {"loss": loss.detach().float().item(), "lr": self.scheduler.get_last_lr()[0]}
+
+    def _report(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+        out = {"loss": loss.detach().float().item()}
         grad_norm = self.ds.get_global_grad_norm()
-        if grad_norm is not None:
+        if grad_norm is None:
+            grad_norm = self._fp32_grad_norm
+        if grad_norm is not None and self.ds.was_step_applied():
             out["grad_norm"] = float(grad_norm)
+        elif self.cfg.train.precision == "fp16":
+            out["skipped_step"] = 1.0
         out.update({k: float(v) for k, v in metrics.items()})
         return out
 
@@ -109,7 +200,11 @@ class Engine:
 
     def fp32_state_dict(self, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         """Full fp32 weights: from the ZeRO partitions (stages 1-3 hold the fp32 master copy
-        in the optimizer), or the module itself for stage 0."""
+        in the optimizer), or the module itself for stage 0.
+
+        DeepSpeed's zero_to_fp32 reads the partitions with torch.load(weights_only=False); it
+        only ever reads the tag this run has just written (train.py's export), never a
+        checkpoint from elsewhere."""
         if self.zero_stage == 0:
             sd = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
         else:

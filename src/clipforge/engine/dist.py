@@ -101,6 +101,26 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order ([obj] for one process); pickled, so keep it small and
+    on the CPU (eval embeddings and keys, not training tensors)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (a stop request must be seen by all ranks at
+    the same step, or they would disagree on whether to enter the next collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

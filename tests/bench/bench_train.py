@@ -1,0 +1,355 @@
+"""Training throughput: our trainer vs open_clip 3.3.0's, same model, batch, data kind, threads.
+
+    .venv/bin/python -m pytest -q -s tests/bench/bench_train.py   # writes docs/benchmarks.md
+    .venv/bin/python tests/bench/bench_train.py                   # prints only
+    BENCH_TRAIN_STEPS=8 BENCH_TRAIN_ROUNDS=1 .venv/bin/python tests/bench/bench_train.py  # quick
+
+Both trainers run as ONE process (ours: DeepSpeed ZeRO-0, BENCH_TRAIN_ZERO) with the same
+torch threads (OMP_NUM_THREADS=BENCH_THREADS, default 2), fp32, batch BENCH_TRAIN_BATCH
+(default 128), synthetic data made in the training process (ours: data.synthetic=true, tensors; open_clip: --dataset-type synthetic --workers 0,
+one blank image through its PIL preprocessing and one tokenized caption per sample), AdamW with
+the same hyper-parameters and clipping at norm 1, every step logged.
+
+The model is conf/model/tiny.yaml with CLIP's 49,408-token vocabulary (open_clip's synthetic
+captions use its BPE tokenizer): ViT 4 x 128 on 32 px with 4 px patches, text 4 x 128 over 32
+tokens, embed 128; open_clip builds it from the config clipforge.export writes for it, so the
+two are the same architecture by construction (tests/test_export.py checks the mapping).
+
+Step time: each trainer logs every step (ours RUN_DIR/metrics.jsonl samples_per_s, open_clip
+"Batch (t)"; both measure wall time from the end of one step to the end of the next, data and
+logging included; each also logs the step's data time, giving a second, data-excluded figure).
+The first BENCH_TRAIN_WARMUP steps are dropped; a round's figure is the median of the rest; rounds alternate ours / theirs, and each side's best round counts
+(the machine is shared, its load varies by the minute).
+
+Because wall-clock rounds on this shared 2-core machine differ up to 10x by the minute, the
+bench also measures CPU seconds per step in one process with one thread (both models, the
+same batch, steps interleaved, min of BENCH_TRAIN_CPU_REPEATS): time other jobs take is not
+counted there. The target (ours >= 1.15x open_clip) is asserted on that figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = Path(os.environ.get("BENCH_DIR", REPO / ".bench"))
+WORK = BENCH / "train"
+DOC = REPO / "docs" / "benchmarks.md"
+OC_VENV = BENCH / "openclip-venv"  # shared with bench_cifar.py
+
+BATCH = int(os.environ.get("BENCH_TRAIN_BATCH", "128"))
+STEPS = int(os.environ.get("BENCH_TRAIN_STEPS", "14"))
+WARMUP = int(os.environ.get("BENCH_TRAIN_WARMUP", "4"))
+ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "2"))
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+# ZeRO partitions nothing for one process; stage 0 is the lean path there (stage 2 adds ~7% of
+# CPU time per step: flattening and copying gradients into its partition buffer).
+ZERO = int(os.environ.get("BENCH_TRAIN_ZERO", "0"))
+VOCAB = 49408
+TARGET = 1.15  # ours / open_clip samples per second (per CPU second, see the test)
+# The same hyper-parameters on both sides (ours: conf defaults + smoke_cpu's 1 warmup step).
+LR, WD, BETAS, EPS, CLIP = 5e-4, 0.2, (0.9, 0.98), 1e-6, 1.0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    return env
+
+
+def _sh(cmd: list[str], log: Path, cwd: Path = REPO) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed; log: {log}\n{log.read_text()[-3000:]}")
+
+
+def openclip_python() -> Path:
+    """open_clip's trainer needs webdataset 0.2.86 (1.0.x crashes it with KeyError 'fname'):
+    a venv of its own under .bench/, seeing the rest (torch, open_clip, pandas) of our venv
+    through a .pth file placed after its own site-packages."""
+    py = OC_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(OC_VENV)], check=True)
+        ours = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+        theirs = next((OC_VENV / "lib").glob("python3*/site-packages"))
+        (theirs / "zz_clipforge_venv.pth").write_text(str(ours) + "\n")
+        pip = [str(py), "-m", "pip", "install", "-q", "--no-deps"]
+        subprocess.run([*pip, "webdataset==0.2.86", "open-clip-torch==3.3.0"], check=True)
+    return py
+
+
+def model_cfg():
+    from clipforge.config import ModelConfig
+
+    merged = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml")
+    )
+    cfg = OmegaConf.to_object(merged)
+    cfg.text.vocab_size = VOCAB
+    return cfg
+
+
+def openclip_model_dir() -> Path:
+    from clipforge.export import open_clip_model_cfg
+
+    folder = WORK / "openclip-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": open_clip_model_cfg(model_cfg(), eos_id=None), "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def run_ours(name: str) -> list[tuple[float, float]]:
+    """(step time, data time) of every step, in seconds."""
+    run = WORK / name
+    shutil.rmtree(run, ignore_errors=True)
+    _sh(
+        [
+            sys.executable, "-m", "clipforge.train", f"run_dir={run}", "experiment=smoke_cpu",
+            f"model.text.vocab_size={VOCAB}", f"train.batch_size={BATCH}",
+            f"train.steps={STEPS}", "train.log_every=1", "checkpoint.every=0",
+            f"deepspeed=zero{ZERO}",
+            f"optim.lr={LR}", f"optim.weight_decay={WD}", f"train.grad_clip={CLIP}",
+        ],
+        WORK / f"{name}.log",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [BATCH / r["samples_per_s"] for r in rows]
+    return [(t, t * r["data_wait_frac"]) for t, r in zip(steps, rows)]
+
+
+def run_openclip(name: str) -> list[tuple[float, float]]:
+    """(step time, data time) of every step, in seconds."""
+    logs = WORK / "openclip-logs"
+    shutil.rmtree(logs / name, ignore_errors=True)
+    log = WORK / f"{name}.log"
+    _sh(
+        [
+            str(openclip_python()), "-m", "open_clip_train.main",
+            "--dataset-type", "synthetic", "--train-data", "synthetic",
+            "--train-num-samples", str(STEPS * BATCH), "--epochs", "1",
+            "--batch-size", str(BATCH), "--workers", "0",
+            "--model", f"local-dir:{openclip_model_dir()}", "--precision", "fp32",
+            "--lr", str(LR), "--wd", str(WD), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]),
+            "--eps", str(EPS), "--grad-clip-norm", str(CLIP), "--warmup", "1",
+            "--log-every-n-steps", "1", "--report-to", "none", "--save-frequency", "0",
+            "--logs", str(logs), "--name", name, "--device", "cpu", "--seed", "0",
+        ],
+        log,
+        cwd=WORK,
+    )  # fmt: skip
+    # Logged every step, its meters are reset after each line: the step's own times.
+    found = re.findall(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)", log.read_text())
+    return [(float(batch), float(data)) for data, batch in found]
+
+
+def measure() -> dict[str, list[tuple[float, float]]]:
+    """Per system, per round: (median step time, median step time without data), seconds."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    rounds: dict[str, list[tuple[float, float]]] = {"ours": [], "open_clip": []}
+    for r in range(ROUNDS):
+        for system, fn in (("ours", run_ours), ("open_clip", run_openclip)):
+            times = fn(f"{system}-{r}")[WARMUP:STEPS]
+            assert len(times) == STEPS - WARMUP, f"{system}: {len(times)} timed steps"
+            total = statistics.median(t for t, _ in times)
+            compute = statistics.median(t - d for t, d in times)
+            rounds[system].append((total, compute))
+            print(f"round {r} {system}: median step {total:.3f} s, {compute:.3f} s without data")
+    return rounds
+
+
+CPU_REPEATS = int(os.environ.get("BENCH_TRAIN_CPU_REPEATS", "8"))
+
+
+def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
+    """Single-thread CPU seconds per step (min of CPU_REPEATS), both sides in one process:
+    process time does not count the time other jobs of a shared machine hold the core."""
+    import time
+
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from clipforge.config import Config, OptimConfig, TrainLoopConfig
+    from clipforge.data.synthetic import SyntheticLoader
+    from clipforge.engine import dist
+    from clipforge.engine.deepspeed import Engine
+    from clipforge.engine.optim import build_optimizer
+    from clipforge.loss import ContrastiveLoss
+    from clipforge.model import build_model
+    from clipforge.task import ContrastiveTask
+
+    batch = SyntheticLoader(BATCH, 32, 32, VOCAB, 0, 0).make_batch(0)
+    optim = OptimConfig(lr=LR, weight_decay=WD, beta1=BETAS[0], beta2=BETAS[1], eps=EPS)
+    steps = {}
+
+    def new_task() -> ContrastiveTask:
+        torch.manual_seed(0)
+        return ContrastiveTask(build_model(model_cfg()), ContrastiveLoss()).train()
+
+    task = new_task()
+    opt = build_optimizer(task, optim)
+
+    def ours_fwd_bwd() -> None:
+        task.zero_grad(set_to_none=True)
+        task(batch)[0].backward()
+
+    def ours_plain() -> None:
+        ours_fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), CLIP)
+        opt.step()
+
+    steps["clipforge: forward + backward"] = ours_fwd_bwd
+    steps["clipforge: plain torch step (+ clip, fused AdamW)"] = ours_plain
+    for stage in (0, 2):
+        cfg = Config(
+            model=model_cfg(),
+            optim=optim,
+            train=TrainLoopConfig(batch_size=BATCH, grad_clip=CLIP),
+            deepspeed={"zero_optimization": {"stage": stage}},
+        )
+        engine = Engine(new_task(), cfg, dist.setup())
+        steps[f"clipforge: Engine step, ZeRO-{stage}"] = lambda e=engine: e.train_step(batch)
+
+    theirs = open_clip.create_model(f"local-dir:{model_dir}")
+    theirs.output_dict = True
+    theirs.train()
+    clip_loss = ClipLoss()
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=LR, betas=BETAS, eps=EPS)
+
+    def oc_fwd_bwd() -> None:
+        theirs.zero_grad(set_to_none=True)
+        clip_loss(**theirs(batch["image"], batch["text"])).backward()
+
+    def oc_step() -> None:  # open_clip_train's step: default AdamW, clip_grad_norm_
+        oc_fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), CLIP)
+        their_opt.step()
+
+    steps["open_clip: forward + backward"] = oc_fwd_bwd
+    steps["open_clip: trainer step (+ clip, default AdamW)"] = oc_step
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(CPU_REPEATS):  # interleaved, so a slow minute hits every row alike
+        for name, fn in steps.items():
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {k: min(v) for k, v in times.items()}
+
+
+def measure_cpu() -> dict[str, float]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from dist_utils import run_distributed  # one thread per process, gloo group of one
+
+    return run_distributed(_cpu_worker, 1, str(openclip_model_dir()), timeout=1200)[0]
+
+
+def render(
+    rounds: dict[str, list[tuple[float, float]]], cpu: dict[str, float]
+) -> tuple[str, float]:
+    ours, theirs = (BATCH / min(t for t, _ in rounds[k]) for k in ("ours", "open_clip"))
+    ours_c, theirs_c = (BATCH / min(c for _, c in rounds[k]) for k in ("ours", "open_clip"))
+    ratio = ours / theirs
+    per_round = "; ".join(
+        f"{k} [{', '.join(f'{BATCH / t:.1f}' for t, _ in v)}]" for k, v in rounds.items()
+    )
+    their_step = cpu["open_clip: trainer step (+ clip, default AdamW)"]
+    cpu_ratio = their_step / cpu[f"clipforge: Engine step, ZeRO-{ZERO}"]
+    cpu_rows = [f"| {name} | {t:.3f} | {their_step / t:.2f}x |" for name, t in cpu.items()]
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    block = "\n".join(
+        [
+            "<!-- trainer:begin -->",
+            "Written by `make bench` (`tests/bench/bench_train.py`); figures from a shared "
+            "machine are noisy: wall-clock rounds alternate and each side's best counts, and "
+            "a second table counts CPU time, which other jobs do not inflate.",
+            "",
+            f"**Headline: {cpu_ratio:.2f}x** open_clip's training step throughput by CPU time "
+            f"per step (our engine, ZeRO-{ZERO}, vs open_clip_train's step; load-independent); "
+            f"wall clock in this run: {ratio:.2f}x (best rounds, see the caveat below the "
+            "table).",
+            "",
+            f"Training samples/s, one process each with {THREADS} torch threads, fp32, batch "
+            f"{BATCH}, synthetic data made in the training process, the same tiny CLIP "
+            "(conf/model/tiny.yaml: ViT 4x128 on 32 px, 4 px patches; text 4x128, 32 tokens; "
+            "vocabulary 49,408; open_clip builds it from the config `clipforge.export` "
+            "writes), AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98, eps 1e-6), clipping at 1. "
+            f"Median step time of steps {WARMUP + 1}-{STEPS} (per-step logging included), best "
+            "of the alternating rounds; the data-excluded column subtracts each step's logged "
+            "data time (open_clip preprocesses its synthetic samples with PIL, ~35 ms a step "
+            "here; ours makes tensors, ~4 ms).",
+            "",
+            "| trainer | samples/s | ratio | samples/s, data time excluded | ratio |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| clipforge (DeepSpeed ZeRO-{ZERO}, 1 process) | {ours:.1f} | {ratio:.2f}x "
+            f"| {ours_c:.1f} | {ours_c / theirs_c:.2f}x |",
+            f"| open_clip 3.3.0 (`open_clip_train.main`, 1 process) | {theirs:.1f} | 1.00x "
+            f"| {theirs_c:.1f} | 1.00x |",
+            "",
+            f"All rounds (samples/s): {per_round}. Load average (1, 5, 15 min) at the end: "
+            f"{load}; on this shared machine a step takes 0.45-0.55 s when it is quiet and up "
+            "to 10x that when other jobs take the cores, so compare rows of one run only.",
+            "",
+            f"CPU seconds per training step, one thread, min of {CPU_REPEATS} interleaved "
+            "repeats, both in one process (same batch; open_clip's step is what its trainer "
+            "does per batch: forward, ClipLoss, backward, clip_grad_norm_, torch's default "
+            "AdamW):",
+            "",
+            "| step | CPU s | open_clip trainer step / this |",
+            "| --- | ---: | ---: |",
+            *cpu_rows,
+            "",
+            "What the profile showed and what changed: (1) torch's AdamW runs with "
+            "`fused=True` (one precompiled kernel; the default per-tensor loop, which "
+            "open_clip's trainer uses on CPU, costs 5x the CPU time, and with 2 threads on a "
+            "loaded machine its hundreds of small parallel regions took 1.5 s of a 5 s step); "
+            "(2) a ZeRO-0 run alone skips DeepSpeed's gradient all-reduce (it flattened, "
+            "reduced and copied back every gradient); (3) ZeRO-2 still copies gradients into "
+            f"its partition buffer when alone, hence ZeRO-{ZERO} for this one-process "
+            "comparison (`BENCH_TRAIN_ZERO`). Our towers themselves are cheaper too: timm's "
+            "ViT and our text tower call fused scaled-dot-product attention directly.",
+            "",
+            "GPU: not measured — no GPU machine was lent to this session.",
+            "",
+            f"Machine: {os.cpu_count()} CPUs, {platform.machine()}; torch {torch.__version__}. "
+            "Reproduce: `.venv/bin/python -m pytest -q -s tests/bench/bench_train.py` "
+            "(`BENCH_TRAIN_STEPS`, `BENCH_TRAIN_ROUNDS`, `BENCH_TRAIN_BATCH`, `BENCH_THREADS`, "
+            "`BENCH_TRAIN_ZERO`, `BENCH_TRAIN_CPU_REPEATS`).",
+            "<!-- trainer:end -->",
+        ]
+    )
+    return block, cpu_ratio
+
+
+def write_doc(block: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"<!-- trainer:begin -->.*?<!-- trainer:end -->", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n## Trainer\n\n" + block + "\n"
+    DOC.write_text(text)
+
+
+def test_trainer_faster_than_open_clip() -> None:
+    block, ratio = render(measure(), measure_cpu())
+    write_doc(block)
+    print(block)
+    # Asserted on CPU time: wall-clock rounds on a shared machine can differ 10x by the minute.
+    assert ratio >= TARGET, f"ours / open_clip = {ratio:.2f}x by CPU time, target {TARGET}x"
+
+
+if __name__ == "__main__":
+    print(render(measure(), measure_cpu())[0])

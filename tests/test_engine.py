@@ -1,0 +1,469 @@
+"""The training engine through real DeepSpeed on CPU: accumulation, precision, clipping, ZeRO.
+
+    .venv/bin/python -m pytest tests/test_engine.py -q
+
+Engine tests run in spawned processes joined by gloo (tests/dist_utils.py), one spawn per
+scenario, on a ~60k-parameter CLIP so that DeepSpeed's start-up dominates. Gradients are read at
+the optimizer (a step pre-hook under ZeRO-0), or, under ZeRO-2/3 where they are partitioned, from
+the parameter change of one AdamW step with eps=1: then the change is -lr * g / (|g| + 1), a
+smooth function of the gradient, so equal changes mean equal gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+
+from clipforge.config import (
+    Config,
+    ImageTowerConfig,
+    ModelConfig,
+    OptimConfig,
+    SchedConfig,
+    TextTowerConfig,
+    TrainLoopConfig,
+)
+from clipforge.data.synthetic import SyntheticLoader
+from clipforge.engine.accumulate import split_batch
+from clipforge.engine.optim import lr_lambda, param_groups
+from clipforge.loss import ContrastiveLoss
+from clipforge.model import build_model
+from clipforge.task import ContrastiveTask
+
+VOCAB, CONTEXT, IMAGE = 64, 8, 16
+BATCH, CHUNKS = 8, 4
+# ZeRO stage and precision of the resume checks (stages 1-3 pickle DeepSpeed objects; fp16
+# adds the dynamic loss scaler): together they cover every class the loader admits.
+RESUME_CASES = [(0, "fp32"), (2, "fp16"), (3, "fp32")]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tiny_model_cfg(dropout: bool = False, **kw) -> ModelConfig:
+    """Two-block towers, width 32; with `dropout`, every stochastic layer the ViT has."""
+    timm_kwargs = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    if dropout:
+        timm_kwargs.update(proj_drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.2)
+    return ModelConfig(
+        name="test",
+        embed_dim=32,
+        image=ImageTowerConfig(
+            image_size=IMAGE, timm_kwargs=timm_kwargs, patch_dropout=0.5 if dropout else 0.0
+        ),
+        text=TextTowerConfig(context_length=CONTEXT, vocab_size=VOCAB, width=32, layers=2, heads=2),
+        **kw,
+    )
+
+
+def engine_cfg(stage: int = 0, **train) -> Config:
+    """lr 1 and AdamW eps 1, no decay, no warmup: one step moves each weight by -g/(|g|+1)."""
+    cfg = Config(
+        model=tiny_model_cfg(),
+        optim=OptimConfig(lr=1.0, weight_decay=0.0, eps=1.0),
+        sched=SchedConfig(warmup_steps=0, min_lr_ratio=1.0),
+        train=TrainLoopConfig(steps=10, batch_size=BATCH, grad_clip=0.0, **train),
+        deepspeed={"zero_optimization": {"stage": stage}},
+    )
+    cfg.data.synthetic = True
+    return cfg
+
+
+def make_task(model_cfg: ModelConfig, seed: int = 0) -> ContrastiveTask:
+    torch.manual_seed(seed)
+    return ContrastiveTask(build_model(model_cfg), ContrastiveLoss())
+
+
+def make_engine(task: ContrastiveTask, cfg: Config):
+    from clipforge.engine import dist as cf_dist
+    from clipforge.engine.deepspeed import Engine  # imports deepspeed: inside the workers only
+
+    return Engine(task, cfg, cf_dist.setup())
+
+
+def batch_for(rank: int, index: int = 0) -> dict[str, torch.Tensor]:
+    return SyntheticLoader(BATCH, IMAGE, CONTEXT, VOCAB, seed=3, rank=rank).make_batch(index)
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    """Every parameter, whole, under any ZeRO stage (3 partitions them: gather first)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {k: v.detach().float().clone() for k, v in params.items()}
+
+
+def reference_grads(task: ContrastiveTask, batch, world: int, seed: int) -> dict[str, torch.Tensor]:
+    """Gradient of the whole batch's loss with the towers run chunk by chunk WITH autograd from
+    the same RNG state as the engine: the same dropout masks, one loss, one backward; then the
+    engine's average over ranks."""
+    task.train()
+    torch.manual_seed(seed)
+    outs = [task.embed(c) for c in split_batch(batch, CHUNKS)]
+    joined = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
+    joined["logit_scale"] = outs[0]["logit_scale"]
+    task.loss_from(joined)[0].backward()
+    grads = {}
+    for name, p in task.named_parameters():
+        if world > 1:
+            dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    return grads
+
+
+def captured_grads(engine) -> dict[int, torch.Tensor]:
+    """Parameter gradients as the (ZeRO-0, fp32) optimizer sees them at its next step."""
+    store: dict[int, torch.Tensor] = {}
+
+    def hook(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                store[id(p)] = p.grad.detach().clone()
+
+    engine.optimizer.register_step_pre_hook(hook)
+    return store
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_param_groups_exempt_norms_biases_and_logit_scale() -> None:
+    model = build_model(tiny_model_cfg())
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "logit_scale" in no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any(n.endswith(".bias") or "norm" in n or "ln_" in n for n in decay_names)
+    assert any("ln_1" in n for n in no_decay_names) and any("norm1" in n for n in no_decay_names)
+    assert "text.token_embedding.weight" in decay_names  # matrices are decayed
+    assert len(decay_names) + len(no_decay_names) == len(names)
+
+
+def test_schedule_warmup_then_cosine_to_floor() -> None:
+    fn = lr_lambda(SchedConfig(warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    assert fn(0) == pytest.approx(0.1) and fn(4) == pytest.approx(0.5) and fn(9) == 1.0
+    assert fn(10) == pytest.approx(1.0)
+    assert fn(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert fn(110) == pytest.approx(0.1) and fn(500) == pytest.approx(0.1)  # the floor holds
+    values = [fn(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_split_batch_needs_equal_chunks() -> None:
+    parts = split_batch({"image": torch.arange(8), "name": "x"}, 4)
+    assert [p["image"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(p["name"] == "x" for p in parts)
+    with pytest.raises(ValueError, match="divisible"):
+        split_batch({"image": torch.arange(6)}, 4)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def _gradcache_worker(rank: int, world: int) -> dict[str, float]:
+    """ZeRO-0 engine with K=4 cached-embedding chunks and every dropout on, against the
+    one-backward reference; then the same with the RNG replay switched off (must differ)."""
+    from clipforge.engine import accumulate
+
+    mcfg = tiny_model_cfg(dropout=True)
+    task = make_task(mcfg)
+    ref = copy.deepcopy(task)
+    cfg = engine_cfg(0, accum_chunks=CHUNKS)
+    cfg.model = mcfg
+    cfg.optim.lr = 1e-12  # the weights stay put, so the second check sees the same model
+    engine = make_engine(task, cfg)
+    store = captured_grads(engine)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    batch = batch_for(rank)
+    out = {}
+
+    want = reference_grads(ref, batch, world, seed=7 + rank)
+    torch.manual_seed(7 + rank)
+    metrics = engine.train_step(batch)
+    got = {names[i]: g for i, g in store.items()}
+    out["diff"] = max_diff(got, want)
+    out["scale_grad"] = got["model.logit_scale"].item()
+    out["want_scale_grad"] = want["model.logit_scale"].item()
+    out["loss"] = metrics["loss"]
+
+    # Without the replay the second pass draws new masks: the gradients must then be wrong.
+    ref.zero_grad()
+    want = reference_grads(ref, batch, world, seed=8 + rank)
+    restore = accumulate.RngState.restore
+    accumulate.RngState.restore = lambda self, device: None
+    try:
+        torch.manual_seed(8 + rank)
+        engine.train_step(batch)
+    finally:
+        accumulate.RngState.restore = restore
+    out["diff_without_replay"] = max_diff({names[i]: g for i, g in store.items()}, want)
+    return out
+
+
+def _one_process_worker(rank: int, world: int, ckpt_dir: str) -> dict[str, object]:
+    """Every single-process scenario in one spawn: DeepSpeed's start-up is the main cost."""
+    out: dict[str, object] = {"gradcache": _gradcache_worker(rank, world)}
+    out["clip"] = _clip_worker(rank, world)
+    for precision in ("bf16", "fp16"):
+        out[precision] = _precision_worker(rank, world, precision)
+    for stage, precision in RESUME_CASES:
+        path = os.path.join(ckpt_dir, f"{stage}-{precision}")
+        out[f"resume {stage}-{precision}"] = _resume_worker(rank, world, stage, precision, path)
+    return out
+
+
+def _two_process_worker(rank: int, world: int) -> dict[str, object]:
+    out: dict[str, object] = {"gradcache": _gradcache_worker(rank, world)}
+    for stage in (2, 3):
+        out[f"zero{stage}"] = _zero_worker(rank, world, stage)
+    out["clamp"] = _clamp_worker(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    return run_distributed(_one_process_worker, 1, str(ckpt), timeout=400)[0]
+
+
+@pytest.fixture(scope="module")
+def two_processes() -> list[dict[str, object]]:
+    return run_distributed(_two_process_worker, 2, timeout=400)
+
+
+@pytest.mark.multiproc
+def test_gradcache_gradients_equal_whole_batch_one_process(one_process) -> None:
+    _check_gradcache([one_process])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_gradcache_gradients_equal_whole_batch_two_processes(two_processes) -> None:
+    _check_gradcache(two_processes)
+
+
+def _check_gradcache(results: list[dict[str, object]]) -> None:
+    for r in (res["gradcache"] for res in results):
+        assert r["diff"] < 1e-5, r
+        # The temperature is counted once: K-fold would be off by a factor of 4.
+        assert r["scale_grad"] == pytest.approx(r["want_scale_grad"], rel=1e-4, abs=1e-7)
+        assert math.isfinite(r["loss"])
+        assert r["diff_without_replay"] > 1e-3, r  # the test can tell a missing replay
+
+
+def _zero_worker(rank: int, world: int, stage: int) -> dict[str, object]:
+    """One step under ZeRO-`stage`: K=1 vs K=4 gradcache with gradient checkpointing, and K=4
+    plain accumulation (weaker: its loss only sees a chunk's negatives)."""
+    batch = batch_for(rank)
+    results = {}
+    for name, train, ckpt in (
+        ("whole", {}, False),
+        ("gradcache", {"accum_chunks": CHUNKS}, True),
+        ("plain", {"accum_chunks": CHUNKS, "accum_mode": "plain"}, False),
+    ):
+        cfg = engine_cfg(stage, **train)
+        cfg.model = tiny_model_cfg(grad_checkpointing=ckpt)
+        engine = make_engine(make_task(cfg.model), cfg)
+        before = full_params(engine)
+        metrics = engine.train_step(batch)
+        after = full_params(engine)
+        results[name] = {
+            "loss": metrics["loss"],
+            "grad_norm": metrics.get("grad_norm"),
+            "delta": {k: after[k] - before[k] for k in after},
+            "zero_stage": engine.zero_stage,
+        }
+    return results
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_gradcache_step_equals_whole_batch_step(two_processes, stage: int) -> None:
+    for r in (res[f"zero{stage}"] for res in two_processes):
+        whole, cached, plain = r["whole"], r["gradcache"], r["plain"]
+        assert whole["zero_stage"] == stage
+        assert cached["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+        assert cached["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+        assert max_diff(cached["delta"], whole["delta"]) < 1e-5
+        assert max(d.abs().max().item() for d in whole["delta"].values()) > 1e-3
+        # Random features: the loss is about log(negatives); plain has 4x fewer of them.
+        assert plain["loss"] < whole["loss"] - 0.5
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 clamp
+
+
+def _clamp_worker(rank: int, world: int) -> dict[str, object]:
+    cfg = engine_cfg(3)
+    cfg.optim.lr = 1e-3
+    cfg.model.init_logit_scale = math.log(150.0)  # above the cap of 100 (validate forbids it)
+    engine = make_engine(make_task(cfg.model), cfg)
+    with torch.no_grad():
+        engine.ds.eval()
+        first = engine.ds(batch_for(rank), embed_only=True)["logit_scale"].item()
+    losses, scales = [], []
+    for i in range(3):
+        m = engine.train_step(batch_for(rank, i))
+        losses.append(m["loss"])
+        scales.append(m["logit_scale"])
+    raw = full_params(engine)["model.logit_scale"].item()
+    return {"first": first, "losses": losses, "scales": scales, "raw": raw}
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_logit_scale_clamped_under_zero3(two_processes) -> None:
+    for r in (res["clamp"] for res in two_processes):
+        assert r["first"] == pytest.approx(100.0)
+        assert r["scales"] == pytest.approx([100.0] * 3)
+        assert all(math.isfinite(v) for v in r["losses"])
+        # Past the cap the gradient is zero, so the parameter stays where it was (no decay).
+        assert r["raw"] == pytest.approx(math.log(150.0), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- clipping, dtypes
+
+
+def _clip_worker(rank: int, world: int) -> dict[str, float]:
+    cfg = engine_cfg(0)
+    task = make_task(cfg.model)
+    ref = copy.deepcopy(task)
+    batch = batch_for(rank)
+    ref.loss_from(ref.embed(batch))[0].backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    # AdamW's first step is -lr * g / (|g| + eps); with lr = eps = 1e4 that is nearly -g, so
+    # a missing or wrong clip (1/4 here) could not hide in the normalisation.
+    cfg.optim.eps = cfg.optim.lr = 1e4
+    cfg.train.grad_clip = norm / 4
+    engine = make_engine(task, cfg)
+    before = full_params(engine)
+    metrics = engine.train_step(batch)
+    after = full_params(engine)
+    delta = {k.removeprefix("model."): after[k] - before[k] for k in after}
+    coef = cfg.train.grad_clip / (norm + 1e-6)
+    want = {
+        k.removeprefix("model."): -1e4 * g * coef / (g.abs() * coef + 1e4) for k, g in grads.items()
+    }
+    return {"norm": norm, "reported": metrics["grad_norm"], "diff": max_diff(delta, want)}
+
+
+@pytest.mark.multiproc
+def test_gradient_clipping_scales_the_step(one_process) -> None:
+    r = one_process["clip"]
+    assert r["reported"] == pytest.approx(r["norm"], rel=1e-5)  # the norm before clipping
+    assert r["diff"] < 1e-6, r
+
+
+def _precision_worker(rank: int, world: int, precision: str) -> list[dict[str, float]]:
+    cfg = engine_cfg(2, precision=precision, accum_chunks=2)
+    cfg.optim = OptimConfig(lr=1e-3)
+    engine = make_engine(make_task(cfg.model), cfg)
+    return [engine.train_step(batch_for(rank, i)) for i in range(3)]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precisions_train(one_process, precision: str) -> None:
+    steps = one_process[precision]
+    assert all(math.isfinite(m["loss"]) for m in steps)
+    applied = [m for m in steps if "grad_norm" in m]
+    if precision == "bf16":
+        assert len(applied) == 3
+    else:  # the dynamic loss scale starts at 2**16 and may skip the first steps on overflow
+        assert all("skipped_step" in m for m in steps if m not in applied)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _resume_worker(rank: int, world: int, stage: int, precision: str, ckpt_dir: str) -> dict:
+    """Train 4 steps saving at 2; a fresh engine loads step 2 and redoes steps 3-4."""
+    from pathlib import Path
+
+    cfg = engine_cfg(stage, precision=precision)
+    # fp16's dynamic loss scale would skip the first steps (and their lr updates) from 2**16.
+    cfg.deepspeed["fp16"] = {"initial_scale_power": 4}
+    cfg.train.steps = 6
+    cfg.optim = OptimConfig(lr=1e-3)
+    cfg.sched = SchedConfig(warmup_steps=2, min_lr_ratio=0.1)
+    loads = []
+    original = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    run = []
+    engine = make_engine(make_task(cfg.model), cfg)
+    for i in range(4):
+        if i == 2:
+            engine.save(Path(ckpt_dir), "step_00000002", {"step": 2})
+        run.append(engine.train_step(batch_for(rank, i)))
+    resumed = make_engine(make_task(cfg.model, seed=1), cfg)  # other init: the load must win
+    torch.load = spy
+    try:
+        resumed.load(Path(ckpt_dir), "step_00000002")
+    finally:
+        torch.load = original
+    lr_after_load = resumed.scheduler.get_last_lr()[0]
+    again = [resumed.train_step(batch_for(rank, i)) for i in (2, 3)]
+    return {"run": run, "again": again, "lr_after_load": lr_after_load, "loads": loads}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage,precision", RESUME_CASES)
+def test_resume_restores_scheduler_and_optimizer(one_process, stage: int, precision: str) -> None:
+    r = one_process[f"resume {stage}-{precision}"]
+    run, again = r["run"], r["again"]
+    assert r["lr_after_load"] == pytest.approx(run[2]["lr"])  # the next step's, as saved
+    for want, got in zip(run[2:], again):
+        assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6)
+    assert run[3]["lr"] != run[2]["lr"]  # the schedule moves, so equal lrs mean restored state
+    # Every file DeepSpeed read went through torch.load(weights_only=True).
+    assert r["loads"] and all(w is True for w in r["loads"]), r["loads"]
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _compile_worker(rank: int, world: int) -> list[float]:
+    cfg = engine_cfg(0, compile=True)
+    cfg.optim = OptimConfig(lr=1e-3)
+    engine = make_engine(make_task(cfg.model), cfg)
+    return [engine.train_step(batch_for(rank, i))["loss"] for i in range(2)]
+
+
+def _compiler_missing() -> str | None:
+    import shutil
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang", os.environ.get("CXX", "g++"))):
+        return "torch.compile (inductor) needs a C/C++ compiler on CPU; none found"
+    return None
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_compile_runs_a_step() -> None:
+    reason = _compiler_missing()
+    if reason:
+        pytest.skip(reason)
+    (losses,) = run_distributed(_compile_worker, 1, timeout=400)
+    assert all(math.isfinite(v) for v in losses)
