@@ -19,7 +19,8 @@
 #SBATCH --output=slurm-%x-%A_%a.out
 set -euo pipefail
 
-PY=${PY:-python}
+PY=${PY:-${SLURM_SUBMIT_DIR:-$(pwd)}/.venv/bin/python}
+[[ -x "$PY" ]] || PY=python
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   # Submission: `bash launch/convert_slurm.sh N ARGS...`.
@@ -34,8 +35,9 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     [[ "${args[$i]}" == "--output" ]] && out=${args[$((i + 1))]}
   done
   [[ -n "$out" ]] || { echo "error: --output is required" >&2; exit 2; }
-  # Options given to sbatch on the command line override the #SBATCH lines above.
-  array_id=$(sbatch --parsable --array="0-$((n - 1))" "$0" convert "$@")
+  # CONVERT_SBATCH_ARGS (e.g. "--cpus-per-task=4 --partition=cpu") override the #SBATCH lines.
+  # shellcheck disable=SC2086
+  array_id=$(sbatch --parsable ${CONVERT_SBATCH_ARGS:-} --array="0-$((n - 1))" "$0" convert "$@")
   sbatch --parsable --dependency="afterok:${array_id}" --array=0 --cpus-per-task=1 \
     --time=01:00:00 --job-name=clipforge-convert-merge "$0" merge "$out"
   echo "submitted array ${array_id} (${n} slices) and its merge into ${out}/manifest.json" >&2
