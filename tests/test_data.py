@@ -179,3 +179,28 @@ def test_img2dataset_output_trains_one_epoch_of_all_159(shared_data):
         got.update(batch["text"])
     assert sum(want.values()) == 159 and got == want
     assert loader.epoch == 1 and loader.errors == 0
+
+
+def test_shards_stream_over_http(shards):
+    """data.train may be a URL: manifest and shards fetched through fsspec's http filesystem."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the 404s for optional sidecar files are expected
+            pass
+
+    handler = functools.partial(Quiet, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/manifest.json"
+        sset = resolve(url)
+        assert sset.samples == ROWS and all(u.startswith("http://") for u in sset.urls)
+        batches = list(EvalLoader(sset, eval_transform(16, AugmentConfig()), batch_size=8))
+        captions = [c for b in batches for c in b["caption"]]
+        assert sorted(captions) == sorted(f"row {i}" for i in range(ROWS))
+    finally:
+        server.shutdown()

@@ -54,7 +54,10 @@ def _wait_state(jid: str, states: set[str], timeout: float, kick_requeue: bool =
     while time.time() < deadline:
         state = _job_field(jid, "JobState")
         if state in states:
-            return state
+            time.sleep(2)  # a requeue passes through terminal-looking states for a moment
+            if _job_field(jid, "JobState") == state:
+                return state
+            continue
         if kick_requeue and state == "PENDING" and _job_field(jid, "Reason") == "BeginTime":
             # Slurm delays a requeued job's eligibility; a test need not wait for it.
             _sh("scontrol", "update", f"JobId={jid}", "StartTime=now")
@@ -63,8 +66,15 @@ def _wait_state(jid: str, states: set[str], timeout: float, kick_requeue: bool =
 
 
 def _submit(out: Path, *overrides: str) -> str:
-    proc = _sh("sbatch", "--parsable", "-N", "2", f"--output={out}",
-               str(REPO / "launch" / "slurm.sh"), *overrides)
+    proc = _sh(
+        "sbatch",
+        "--parsable",
+        "-N",
+        "2",
+        f"--output={out}",
+        str(REPO / "launch" / "slurm.sh"),
+        *overrides,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -99,8 +109,9 @@ def test_invalid_config_fails_before_any_process_starts(cluster, tmp_path):
 
 def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
     run, out = tmp_path / "run", tmp_path / "job.out"
-    jid = _submit(out, "experiment=smoke_cpu", f"run_dir={run}", "train.steps=200",
-                  "checkpoint.every=1000")
+    jid = _submit(
+        out, "experiment=smoke_cpu", f"run_dir={run}", "train.steps=200", "checkpoint.every=1000"
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         if (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 5:
@@ -110,6 +121,12 @@ def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
         pytest.fail(f"job never trained: {out.read_text()[-3000:] if out.exists() else ''}")
     # What `#SBATCH --signal=B:USR1@120` does before a time limit or preemption.
     assert _sh("scancel", "--signal=USR1", "--batch", jid).returncode == 0
+    # While the requeue kills the old batch script, the job can show a terminal state for a
+    # moment; the restart counter is what says the requeue happened.
+    deadline = time.time() + 120
+    while time.time() < deadline and _job_field(jid, "Restarts") in ("", "0"):
+        time.sleep(0.5)
+    assert _job_field(jid, "Restarts") == "1", out.read_text()[-3000:]
     state = _wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED"}, 420, kick_requeue=True)
     log = out.read_text()
     assert state == "COMPLETED", log[-4000:]

@@ -62,14 +62,25 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    # A shard folder (with manifest.json), a manifest path, a brace pattern or a URL list.
+    # A shard folder (with manifest.json), a manifest path, a brace pattern or a .txt list of
+    # shard URLs; several sources joined with `::` (see clipforge/data/shards.py).
     # Left empty with synthetic=true, random tensors are used (smoke tests, launch checks).
     train: Optional[str] = None
     synthetic: bool = False
     # Sentencepiece model; empty means "the one recorded in the training manifest".
     tokenizer: Optional[str] = None
     workers: int = 2
+    # Samples shuffled together (a seeded permutation per block of this many raw samples).
     shuffle_buffer: int = 1000
+    # resampled: shards drawn with replacement, an endless stream (pretraining's default).
+    # epoch: each sample once per epoch across all ranks (clipforge/data/pipeline.py).
+    mode: str = "resampled"
+    # One mixing weight per `::` source (resampled mode); empty: sources weighted by size.
+    weights: Optional[list[float]] = None
+    # Shards each worker reads side by side, so one batch mixes that many shards.
+    shards_in_flight: int = 4
+    # Fraction of samples that may fail to decode before the run stops naming the shard.
+    max_error_rate: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -103,8 +114,18 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 10
     grad_clip: float = 1.0
-    # fp32 | bf16 | fp16
+    # fp32 | bf16 | fp16 (fp16 with DeepSpeed's dynamic loss scale)
     precision: str = "fp32"
+    # Split each rank's micro batch into K chunks that go through the towers one at a time
+    # (activation memory of batch_size / K). The global contrastive batch stays
+    # batch_size * world_size either way; see engine/accumulate.py.
+    accum_chunks: int = 1
+    # gradcache: exact, every sample of the global batch is a negative (one extra forward
+    # per chunk). plain: DeepSpeed's accumulation, each chunk's loss sees only its own
+    # negatives (batch_size / K * world_size): cheaper, but a weaker contrastive task.
+    accum_mode: str = "gradcache"
+    # torch.compile the towers (not the loss and its collectives); the first steps compile.
+    compile: bool = False
 
 
 @dataclass
@@ -118,10 +139,17 @@ class CheckpointConfig:
 class EvalConfig:
     # A zero-shot classification set in WebDataset form (.cls + classnames.txt).
     zeroshot: Optional[str] = None
+    # A captioned retrieval set: KEY.txt, or KEY.json {"captions": [...]} for several per image.
+    retrieval: Optional[str] = None
     # Prompt templates with "{}" for the class name; a templates file beside the set wins.
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # Evaluate every N steps (0: only at the end of training).
     every: int = 0
     batch_size: int = 256
+    # The k of retrieval recall@k, both directions.
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # Render a confusion matrix and a retrieval strip at each eval (wandb, RUN_DIR/eval/).
+    figures: bool = True
 
 
 @dataclass
@@ -166,6 +194,60 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 _LOGGERS = ("wandb", "none")
 
 
+_ACCUM_MODES = ("gradcache", "plain")
+
+
+def _accumulation_problems(cfg: Config) -> list[str]:
+    """train.accum_* checks; DeepSpeed's gradient_accumulation_steps is derived from them."""
+    problems = []
+    chunks = cfg.train.accum_chunks
+    if chunks < 1 or cfg.train.batch_size % max(1, chunks):
+        problems.append(
+            f"train.accum_chunks must be >= 1 and divide train.batch_size "
+            f"({cfg.train.batch_size}), got {chunks}"
+        )
+    if cfg.train.accum_mode not in _ACCUM_MODES:
+        problems.append(
+            f"train.accum_mode must be one of {_ACCUM_MODES}, got {cfg.train.accum_mode!r}"
+        )
+    if "gradient_accumulation_steps" in cfg.deepspeed:
+        problems.append(
+            "deepspeed.gradient_accumulation_steps is derived: set train.accum_chunks=K "
+            "(train.accum_mode=plain for DeepSpeed's own accumulation)"
+        )
+    return problems
+
+
+_DATA_MODES = ("resampled", "epoch")
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    """data.* checks beyond the types (the loader itself checks what needs the shards)."""
+    problems = []
+    if data.mode not in _DATA_MODES:
+        problems.append(f"data.mode must be one of {_DATA_MODES}, got {data.mode!r}")
+    if data.weights is not None:
+        sources = len([s for s in (data.train or "").split("::") if s.strip()])
+        if data.mode == "epoch":
+            problems.append(
+                "data.weights needs data.mode=resampled (an epoch reads each sample once)"
+            )
+        if (
+            len(data.weights) != sources
+            or any(w < 0 for w in data.weights)
+            or not sum(data.weights)
+        ):
+            problems.append(
+                f"data.weights must be {sources} non-negative numbers (one per `::` source of "
+                f"data.train), not all zero; got {list(data.weights)}"
+            )
+    if data.shuffle_buffer < 1 or data.shards_in_flight < 1:
+        problems.append("data.shuffle_buffer and data.shards_in_flight must be >= 1")
+    if not 0.0 <= data.max_error_rate <= 1.0:
+        problems.append(f"data.max_error_rate must be in [0, 1], got {data.max_error_rate}")
+    return problems
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise one ConfigError naming every problem, so a user fixes them all in one go."""
     problems: list[str] = []
@@ -181,6 +263,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(
             f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}"
         )
+    problems += _accumulation_problems(cfg)
     if cfg.logger.kind not in _LOGGERS:
         problems.append(f"logger.kind must be one of {_LOGGERS}, got {cfg.logger.kind!r}")
     if cfg.optim.lr <= 0:
@@ -207,11 +290,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append("model.image.patch_dropout must be in [0, 1)")
     if cfg.data.workers < 0:
         problems.append("data.workers must be >= 0")
+    problems += _data_problems(cfg.data)
     zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     if zero not in (0, 1, 2, 3):
         problems.append(f"deepspeed.zero_optimization.stage must be 0-3, got {zero}")
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
+    if cfg.eval.every < 0 or cfg.eval.batch_size <= 0:
+        problems.append("eval.every must be >= 0 and eval.batch_size > 0")
+    if not cfg.eval.recall_at or any(k <= 0 for k in cfg.eval.recall_at):
+        problems.append(f"eval.recall_at must be positive integers, got {cfg.eval.recall_at}")
+    if not cfg.eval.templates or any("{}" not in t for t in cfg.eval.templates):
+        problems.append("eval.templates must be non-empty, each with a {} for the class name")
     if cfg.loss.kind not in ("clip",):
         problems.append(f"loss.kind must be 'clip', got {cfg.loss.kind!r}")
     if problems:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ class NullLogger:
     def log_summary(self, metrics: dict[str, Any]) -> None:
         pass
 
+    def log_images(self, step: int, images: dict[str, Any]) -> None:
+        """PIL images by name (eval figures)."""
+
     def close(self) -> None:
         pass
 
@@ -56,6 +59,18 @@ class JsonlLogger(NullLogger):
         self._f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+
+    def log_images(self, step: int, images: dict[str, Any]) -> None:
+        """Each image to RUN_DIR/eval/figures/NAME_stepN.png (readable without wandb) and
+        to wandb when it is on."""
+        folder = self.path.parent / "eval" / "figures"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, img in images.items():
+            img.save(folder / f"{name.replace('/', '_')}_step{step:08d}.png")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
 
     def log_summary(self, metrics: dict[str, Any]) -> None:
         self.log(metrics.pop("step", -1), metrics)
@@ -95,12 +110,21 @@ def _wandb_id(run_dir: Path) -> str:
     path = Path(run_dir) / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    rid = wandb.util.generate_id()
+    rid = uuid.uuid4().hex[:8]
     path.write_text(rid)
-    os.environ.pop("WANDB_RUN_ID", None)
     return rid
+
+
+def memory_stats() -> dict[str, float]:
+    """Peak host RSS of this process and, on GPUs, peak allocated device memory (GiB)."""
+    import resource
+
+    import torch
+
+    out = {"mem_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["mem_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 class Throughput:

@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import hydra
@@ -22,16 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipforge import checkpoint as ckpt
 from clipforge.config import Config, ConfigError, register, validate
-from clipforge.data.pipeline import EvalLoader, TrainLoader
+from clipforge.data.pipeline import TrainLoader
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.synthetic import SyntheticLoader
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.data.transforms import eval_transform, train_transform
 from clipforge.engine import dist
-from clipforge.eval import zeroshot
-from clipforge.logging import Throughput, build_logger, print0, setup_console
+from clipforge.eval import suite
+from clipforge.logging import Throughput, build_logger, memory_stats, print0, setup_console
 from clipforge.loss import ContrastiveLoss
 from clipforge.model import build_model
+from clipforge.preempt import Preemption
 from clipforge.task import ContrastiveTask
 
 register()
@@ -79,6 +79,11 @@ def build_loader(cfg: Config, shards: ShardSet | None, tokenizer, info: dist.Dis
         info.rank,
         cfg.data.workers,
         cfg.data.shuffle_buffer,
+        world=info.world_size,
+        mode=cfg.data.mode,
+        weights=list(cfg.data.weights) if cfg.data.weights is not None else None,
+        shards_in_flight=cfg.data.shards_in_flight,
+        max_error_rate=cfg.data.max_error_rate,
     )
 
 
@@ -88,8 +93,9 @@ def save(engine, loader, cfg: Config, info: dist.DistInfo, step: int) -> str:
     state = {"step": step, "loader": loader.state_dict(), "rng": ckpt.rng_state()}
     ckpt.save_rank_state(root, tag, info.rank, state)
     engine.save(root, tag, {"step": step})
-    dist.barrier()
+    dist.barrier()  # every rank's files are on disk: only now may resume=latest pick the tag
     if info.is_main:
+        ckpt.mark_complete(root, tag, info.world_size)
         ckpt.prune(cfg.run_dir, cfg.checkpoint.keep)
     return tag
 
@@ -110,51 +116,44 @@ def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
         return 0
     root, tag = found
     engine.load(root, tag)
-    state = ckpt.load_rank_state(root, tag, info.rank)
+    if ckpt.has_rank_state(root, tag, info.rank):
+        state = ckpt.load_rank_state(root, tag, info.rank)
+        ckpt.restore_rng(state["rng"])
+    else:
+        # A rank the checkpoint did not have (the world grew). The loader's state names the
+        # layout it was written with, so rank 0's lets an epoch-mode loader re-split the rest
+        # of the epoch; this rank's RNG starts from the seed instead of a saved state.
+        state = ckpt.load_rank_state(root, tag, 0)
     loader.load_state_dict(state["loader"])
-    ckpt.restore_rng(state["rng"])
     print0(f"resumed from {root / tag} at step {state['step']}")
     return int(state["step"])
 
 
 # -- eval ----------------------------------------------------------------------------------------
-def run_zeroshot(engine, tokenizer, cfg: Config, info: dist.DistInfo) -> dict[str, Any]:
-    sset = resolve(cfg.eval.zeroshot)
-    if not sset.classnames:
-        raise SourceError(f"eval.zeroshot={cfg.eval.zeroshot}: no classnames.txt beside the shards")
-    templates = sset.templates or list(cfg.eval.templates)
-    classifier = zeroshot.build_classifier(
-        lambda t: engine.forward_eval("encode_text", t), tokenizer, sset.classnames, templates
-    )
-    batches = EvalLoader(
-        sset,
-        eval_transform(cfg.model.image.image_size, cfg.data.augment),
-        cfg.eval.batch_size,
-        info.rank,
-        info.world_size,
-    )
-    return zeroshot.evaluate(lambda x: engine.forward_eval("encode_image", x), batches, classifier)
-
-
-def maybe_eval(engine, tokenizer, cfg, info, logger, step: int, final: bool) -> None:
+def maybe_eval(engine, tokenizer, cfg: Config, info: dist.DistInfo, logger, step: int, final: bool):
+    """eval.zeroshot / eval.retrieval every eval.every steps and at the end (clipforge/eval/)."""
     due = final or (cfg.eval.every and step % cfg.eval.every == 0)
-    if not cfg.eval.zeroshot or tokenizer is None or not due:
+    if not due or tokenizer is None or not suite.has_sets(cfg.eval):
         return
-    res = run_zeroshot(engine, tokenizer, cfg, info)
-    k5 = "top5" if "top5" in res else next(k for k in res if k.startswith("top") and k != "top1")
-    print0(
-        f"zero-shot step {step}: top1 {res['top1']:.4f} {k5} {res[k5]:.4f} "
-        f"mean-per-class-recall {res['mean_per_class_recall']:.4f} ({res['samples']} images)"
+    encoders = suite.Encoders(
+        lambda x: engine.forward_eval("encode_image", x),
+        lambda t: engine.forward_eval("encode_text", t),
+        tokenizer,
+        eval_transform(cfg.model.image.image_size, cfg.data.augment),
     )
-    logger.log(step, {f"zeroshot/{k}": v for k, v in res.items() if k != "confusion"})
+    results = suite.run_sets(
+        encoders, cfg.eval, info.rank, info.world_size, draw=info.is_main, strict=False
+    )
+    suite.log_results(results, logger, step)
 
 
 # -- loop ----------------------------------------------------------------------------------------
 def train_loop(
-    engine, loader, logger, cfg: Config, info: dist.DistInfo, tokenizer, step: int
-) -> int:
+    engine, loader, logger, cfg: Config, info: dist.DistInfo, tokenizer, step: int, preempt: Preemption
+) -> tuple[int, bool]:
+    """Run to train.steps; returns (step, preempted)."""
     meter = Throughput()
-    last_logged, last_tag = step, None
+    last_logged, last_tag = step, (ckpt.complete_tags(cfg.run_dir) or [None])[-1]
     it = iter(loader)
     while step < cfg.train.steps:
         t0 = time.perf_counter()
@@ -162,26 +161,32 @@ def train_loop(
         meter.add(cfg.train.batch_size * info.world_size, time.perf_counter() - t0)
         metrics = engine.train_step(batch)
         step += 1
-        if not math.isfinite(metrics["loss"]):
+        # The grad norm is global (the loss is this rank's): a NaN anywhere stops every rank.
+        if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
             raise TrainingDiverged(
-                f"loss is {metrics['loss']} at a step in ({last_logged}, {step}]; "
-                f"last good checkpoint: {last_tag or 'none'}; nothing was saved after it"
+                f"loss is {metrics['loss']} (grad norm {metrics.get('grad_norm')}) at a step in "
+                f"({last_logged}, {step}]; last good checkpoint: {last_tag or 'none'}; "
+                "nothing was saved after it"
             )
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             rates = meter.read()
             rates["samples_per_s_per_gpu"] = rates["samples_per_s"] / info.world_size
-            logger.log(step, {**metrics, **rates, "data_errors": loader.errors})
+            logger.log(step, {**metrics, **rates, **memory_stats(), **loader.metrics()})
             print0(
                 f"step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
                 f"lr {metrics['lr']:.2e} scale {metrics['logit_scale']:.2f} "
                 f"{rates['samples_per_s']:.1f} samples/s"
             )
             last_logged = step
+        if step < cfg.train.steps and preempt.requested():
+            tag = save(engine, loader, cfg, info, step)
+            print0(f"preempted: saved {tag} at step {step}; resume=latest continues from it")
+            return step, True
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
             last_tag = save(engine, loader, cfg, info, step)
         if step < cfg.train.steps:
             maybe_eval(engine, tokenizer, cfg, info, logger, step, final=False)
-    return step
+    return step, False
 
 
 def run(raw: DictConfig) -> None:
@@ -201,8 +206,12 @@ def run(raw: DictConfig) -> None:
     dist.barrier()
     tokenizer = build_tokenizer(cfg, shards, run_dir, info.is_main)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
+    # The same initial weights on every rank (ZeRO-3 partitions each rank's own copy) and in
+    # every run of this seed; then a per-rank stream, so ranks draw different dropout masks.
+    ckpt.seed_all(cfg.train.seed)
     model = build_model(cfg.model, vocab_size=cfg.model.text.vocab_size or vocab)
     engine = dist_engine(ContrastiveTask(model, ContrastiveLoss()), cfg, info)
+    ckpt.seed_all(cfg.train.seed + 1 + info.rank)
     print0(
         f"world_size={info.world_size} ranks_per_node={info.local_world_size} "
         f"nodes={info.nodes} zero_stage={engine.zero_stage} backend={info.backend} "
@@ -213,11 +222,14 @@ def run(raw: DictConfig) -> None:
     logger = build_logger(
         cfg.logger, run_dir, info.is_main, OmegaConf.to_container(raw, resolve=True)
     )
+    preempt = Preemption(run_dir, info.is_main)
+    dist.barrier()
     try:
-        step = train_loop(engine, loader, logger, cfg, info, tokenizer, step)
-        tag = save(engine, loader, cfg, info, step)
-        export(engine, cfg, info, step, tag)
-        maybe_eval(engine, tokenizer, cfg, info, logger, step, final=True)
+        step, preempted = train_loop(engine, loader, logger, cfg, info, tokenizer, step, preempt)
+        if not preempted:
+            tag = save(engine, loader, cfg, info, step)
+            export(engine, cfg, info, step, tag)
+            maybe_eval(engine, tokenizer, cfg, info, logger, step, final=True)
     finally:
         logger.close()
     dist.teardown()

@@ -180,7 +180,10 @@ def _resolve_one(source: str) -> ShardSet:
         return ShardSet([source], [None])
     fs, path = fsspec.core.url_to_fs(source)
     # fsspec strips the protocol from paths; put it back on every URL we hand out.
-    prefix = source.split("://")[0] + "://" if "://" in source else ""
+    # Most fsspec filesystems strip the protocol from paths (s3, gcs, file), which must then be
+    # put back on every URL handed out; http keeps whole URLs as its paths.
+    keeps_protocol = "://" in path
+    prefix = source.split("://")[0] + "://" if "://" in source and not keeps_protocol else ""
     if path.endswith(".json"):
         return _from_manifest(fs, path, prefix)
     if fs.isdir(path):

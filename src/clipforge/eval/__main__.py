@@ -1,0 +1,95 @@
+"""Evaluate a trained run's exported weights on zero-shot and retrieval sets, standalone.
+
+    python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS eval.retrieval=SHARDS
+    torchrun --nproc_per_node 2 -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS
+
+Arguments are key=value, typed like the training config's `eval.*` (whose values in
+RUN_DIR/config.yaml are the defaults; `eval.zeroshot=null` drops a set), plus `checkpoint=`,
+`device=` (auto | cpu | cuda) and `out=` (default RUN_DIR/eval). Prints one JSON line per set
+and writes OUT/{kind}_{set}.json with the details (confusion matrix, per-class recall) and
+pictures beside it. Needs no DeepSpeed; under torchrun the sets are split over the processes
+and the counts summed, which gives the same numbers as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clipforge.config import EvalConfig
+from clipforge.data.shards import SourceError
+from clipforge.engine import dist
+from clipforge.eval import suite
+from clipforge.eval.exported import load_run, pick_device
+
+
+@dataclass
+class EvalArgs:
+    checkpoint: str = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    out: Optional[str] = None
+
+
+def parse(argv: list[str]) -> EvalArgs:
+    """key=value arguments over the run's own eval config; an unknown key is an error."""
+    bad = [a for a in argv if "=" not in a or a.startswith("-")]
+    if bad or not argv:
+        raise ValueError(
+            f"expected key=value arguments (checkpoint=RUN_DIR ...), got {bad or argv}"
+        )
+    cli = OmegaConf.from_dotlist(argv)
+    schema = OmegaConf.structured(EvalArgs)
+    merged = OmegaConf.merge(schema, cli)
+    run_cfg = Path(merged.checkpoint) / "config.yaml"
+    if run_cfg.is_file():  # the run's eval section under the command line's
+        run_eval = OmegaConf.load(run_cfg).get("eval") or {}
+        merged = OmegaConf.merge(schema, {"eval": run_eval}, cli)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        args = parse(argv)
+    except (ValueError, OmegaConfBaseException) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    # One process needs no process group; torchrun's several do (the eval gathers counts).
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    info = dist.setup() if distributed else None
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    try:
+        device = info.device if info else pick_device(args.device)
+        run = load_run(args.checkpoint, device)
+        if not suite.has_sets(args.eval):
+            raise SourceError(
+                "nothing to evaluate: give eval.zeroshot=SHARDS or eval.retrieval=SHARDS"
+            )
+        results = suite.run_sets(run.encoders(), args.eval, rank, world, draw=rank == 0)
+    except (SourceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if info:
+            dist.teardown()
+    if rank == 0:
+        out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+        suite.write_results(results, out)
+        for res in results:
+            print(json.dumps(res.line()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

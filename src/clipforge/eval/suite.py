@@ -1,0 +1,220 @@
+"""The configured eval sets (eval.zeroshot, eval.retrieval) run with any pair of encoders: the
+DeepSpeed engine's during training, a plain exported model standalone. Also the reporting:
+one console line per set, scalars to the logger, pictures to the logger, JSON files.
+
+    python -m clipforge.train ... eval.zeroshot=SHARDS eval.retrieval=SHARDS eval.every=500
+    python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS eval.retrieval=SHARDS
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from clipforge.config import EvalConfig
+from clipforge.data.pipeline import IMAGE_EXTS, EvalLoader, iter_shard
+from clipforge.data.shards import ShardSet, SourceError, resolve
+from clipforge.eval import figures, retrieval, zeroshot
+from clipforge.logging import print0
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+# Retrieval strip: this many text queries, each with its top images.
+_STRIP_QUERIES, _STRIP_TOP = 4, 5
+
+
+@dataclass
+class Encoders:
+    """What an eval needs from a model, whoever holds its weights."""
+
+    encode_image: Encoder
+    encode_text: Encoder
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    transform: Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class SetResult:
+    set: str
+    kind: str  # "zeroshot" | "retrieval"
+    metrics: dict[str, float | int]  # scalars: console, logger, JSON line
+    details: dict[str, Any] = field(default_factory=dict)  # confusion, class names, ...
+    figures: dict[str, Image.Image] = field(default_factory=dict)  # main rank only
+
+    def line(self) -> dict[str, Any]:
+        return {"set": self.set, "kind": self.kind, **self.metrics}
+
+
+def set_name(source: str) -> str:
+    """A short name for a set: its folder (`.../cifar10_test/` or its manifest) -> cifar10_test."""
+    first = source.split("::")[0].rstrip("/")
+    if first.endswith(".json") or "{" in first or first.endswith(".tar"):
+        first = posixpath.dirname(first)
+    return posixpath.basename(first.rstrip("/")) or "set"
+
+
+def has_sets(cfg: EvalConfig) -> bool:
+    return bool(cfg.zeroshot or cfg.retrieval)
+
+
+def run_sets(
+    enc: Encoders,
+    cfg: EvalConfig,
+    rank: int = 0,
+    world: int = 1,
+    draw: bool = False,
+    strict: bool = True,
+) -> list[SetResult]:
+    """Every configured set, on every rank (collectives inside); `draw` on the main rank only.
+
+    strict=False (training): a set that cannot be used (no classnames.txt, no shards) is
+    skipped with a warning instead of ending hours of training. Those errors come from reading
+    the set's files, the same on every rank and before any collective, so no rank is left
+    waiting in one.
+    """
+    jobs = [(run_zeroshot, cfg.zeroshot), (run_retrieval, cfg.retrieval)]
+    out = []
+    for fn, source in jobs:
+        if not source:
+            continue
+        try:
+            out.append(fn(source, enc, cfg, rank, world, draw and cfg.figures))
+        except SourceError as e:
+            if strict:
+                raise
+            print0(f"warning: eval set skipped: {e}")
+    return out
+
+
+def run_zeroshot(
+    source: str, enc: Encoders, cfg: EvalConfig, rank: int, world: int, draw: bool
+) -> SetResult:
+    sset = resolve(source)
+    if not sset.classnames:
+        raise SourceError(f"eval.zeroshot={source}: no classnames.txt beside the shards")
+    # The set's own templates (CLIP_benchmark's file) are the ones its numbers are quoted with.
+    templates = sset.templates or list(cfg.templates)
+    classifier = zeroshot.build_classifier(
+        enc.encode_text, enc.tokenizer, sset.classnames, templates, cfg.batch_size
+    )
+    batches = EvalLoader(sset, enc.transform, cfg.batch_size, rank, world)
+    res = zeroshot.evaluate(enc.encode_image, batches, classifier)
+    name = set_name(source)
+    details = {
+        "classnames": sset.classnames,
+        "templates": templates,
+        "per_class_recall": res.pop("per_class_recall"),
+        "confusion": res.pop("confusion"),
+    }
+    pics = {}
+    if draw:
+        title = f"{name}: zero-shot top1 {res['top1']:.3f} (rows true, columns predicted)"
+        pics["confusion"] = figures.confusion_image(details["confusion"], sset.classnames, title)
+    return SetResult(name, "zeroshot", res, details, pics)
+
+
+def run_retrieval(
+    source: str, enc: Encoders, cfg: EvalConfig, rank: int, world: int, draw: bool
+) -> SetResult:
+    sset = resolve(source)
+    batches = retrieval.CaptionedLoader(sset, enc.transform, cfg.batch_size, rank, world)
+    metrics, images, text_feats, owner = retrieval.evaluate(
+        enc.encode_image,
+        enc.encode_text,
+        enc.tokenizer,
+        batches,
+        cfg.batch_size,
+        cfg.recall_at,
+        rank,
+        world,
+    )
+    pics = {}
+    if draw:
+        pics["retrieval"] = _strip(sset, images, text_feats, owner)
+    return SetResult(set_name(source), "retrieval", metrics, {}, pics)
+
+
+def _strip(
+    sset: ShardSet,
+    images: retrieval.ImageEmbeddings,
+    text_feats: torch.Tensor,
+    owner: torch.Tensor,
+) -> Image.Image:
+    """Queries: the first caption of a few images spread over the set (same ones every eval,
+    so pictures of successive steps compare)."""
+    n = len(images.keys)
+    picks = sorted({i * n // _STRIP_QUERIES for i in range(_STRIP_QUERIES)})
+    first_caption = {int(img): t for t, img in reversed(list(enumerate(owner.tolist())))}
+    rows = [first_caption[i] for i in picks if i in first_caption]
+    top, _ = retrieval.top_images(images.features, text_feats[rows], _STRIP_TOP)
+    wanted = {images.keys[j] for j in top.flatten().tolist()}
+    thumbs = load_images(sset, wanted)
+    blank = Image.new("RGB", (8, 8), (128, 128, 128))
+    all_texts = [c for caps in images.captions for c in caps]
+    return figures.retrieval_strip(
+        [all_texts[t] for t in rows],
+        [[thumbs.get(images.keys[j], blank) for j in row.tolist()] for row in top],
+        [[j == int(owner[t]) for j in row.tolist()] for t, row in zip(rows, top)],
+    )
+
+
+def load_images(sset: ShardSet, keys: set[str]) -> dict[str, Image.Image]:
+    """Decoded images of `keys`, reading shards in order and stopping once all are found."""
+    found: dict[str, Image.Image] = {}
+    for url in sset.urls:
+        for sample in iter_shard(url):
+            if sample["__key__"] in keys:
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if ext is not None:
+                    found[sample["__key__"]] = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+            if len(found) == len(keys):
+                return found
+    return found
+
+
+# -- reporting -------------------------------------------------------------------------------
+def summary(res: SetResult, step: int | None = None) -> str:
+    """One console line. `zero-shot step N: top1 X` is what launch/demo.sh greps for."""
+    at = f" step {step}" if step is not None else ""
+    m = res.metrics
+    if res.kind == "zeroshot":
+        k = next(k for k in m if k.startswith("top") and k != "top1")
+        return (
+            f"zero-shot{at}: top1 {m['top1']:.4f} {k} {m[k]:.4f} "
+            f"mean-per-class-recall {m['mean_per_class_recall']:.4f} ({m['samples']} images) "
+            f"[{res.set}]"
+        )
+    recalls = " ".join(f"{k} {v:.4f}" for k, v in m.items() if "_R@" in k)
+    return f"retrieval{at}: {recalls} ({m['images']} images, {m['captions']} captions) [{res.set}]"
+
+
+def log_results(results: Sequence[SetResult], logger: Any, step: int) -> None:
+    """Console line, scalars and pictures per set; `logger` is clipforge.logging's."""
+    for res in results:
+        print0(summary(res, step))
+        prefix = f"{res.kind}/{res.set}"
+        logger.log(step, {f"{prefix}/{k}": v for k, v in res.metrics.items()})
+        if res.figures:
+            logger.log_images(step, {f"{prefix}/{k}": v for k, v in res.figures.items()})
+
+
+def write_results(results: Sequence[SetResult], out_dir: Path) -> list[Path]:
+    """OUT/{kind}_{set}.json (metrics and details) and OUT/{kind}_{set}_{figure}.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for res in results:
+        stem = f"{res.kind}_{res.set}"
+        path = out_dir / f"{stem}.json"
+        path.write_text(json.dumps({**res.line(), **res.details}, indent=1) + "\n")
+        written.append(path)
+        for name, img in res.figures.items():
+            img.save(out_dir / f"{stem}_{name}.png")
+            written.append(out_dir / f"{stem}_{name}.png")
+    return written
