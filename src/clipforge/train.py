@@ -149,7 +149,14 @@ def maybe_eval(engine, tokenizer, cfg: Config, info: dist.DistInfo, logger, step
 
 # -- loop ----------------------------------------------------------------------------------------
 def train_loop(
-    engine, loader, logger, cfg: Config, info: dist.DistInfo, tokenizer, step: int, preempt: Preemption
+    engine,
+    loader,
+    logger,
+    cfg: Config,
+    info: dist.DistInfo,
+    tokenizer,
+    step: int,
+    preempt: Preemption,
 ) -> tuple[int, bool]:
     """Run to train.steps; returns (step, preempted)."""
     meter = Throughput()
