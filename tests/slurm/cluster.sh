@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A two-node Slurm cluster on this one machine, for tests and CI (needs root; Debian packages).
-#   bash tests/slurm/cluster.sh start | stop | status
+#   bash tests/slurm/cluster.sh start | stop | restart | status
 # node1 and node2 are two slurmd daemons on 127.0.0.1 with distinct ports, named in /etc/hosts.
 set -euo pipefail
 CONF=/etc/slurm/slurm.conf
@@ -22,12 +22,17 @@ write_conf() {
     grep -qE "^[0-9.]+\s+.*\b$n\b" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts
     mkdir -p "/var/spool/slurmd/$n"
   done
+  local old
+  old=$(cat "$CONF" 2>/dev/null || true)
   cat > "$CONF" <<CONF
 ClusterName=clipforge-test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits out the old job credential's lifetime before it may start (120 s by
+# default); a short one keeps the preemption test quick.
+AuthInfo=cred_expire=10
 SlurmctldPort=16817
 StateSaveLocation=/var/spool/slurmctld
 SlurmctldPidFile=/run/slurmctld.pid
@@ -50,6 +55,8 @@ NodeName=node1 NodeAddr=127.0.0.1 Port=${PORTS[0]} CPUs=$CPUS RealMemory=4000 St
 NodeName=node2 NodeAddr=127.0.0.1 Port=${PORTS[1]} CPUs=$CPUS RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+  # Daemons started with another configuration would not see this one.
+  [ "$old" = "$(cat "$CONF")" ] || stop
 }
 
 start() {
@@ -84,11 +91,13 @@ start() {
 stop() {
   pkill -x slurmd || true
   pkill -x slurmctld || true
+  for _ in $(seq 20); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || return 0; sleep 0.5; done
 }
 
 case "${1:-status}" in
   start) start ;;
+  restart) stop; start ;;
   stop) stop ;;
   status) sinfo -N ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
 esac
