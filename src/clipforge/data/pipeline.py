@@ -96,16 +96,23 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 # -- one sample ----------------------------------------------------------------------------------
+def json_captions(sample: dict[str, Any]) -> list[str] | None:
+    """KEY.json's "captions" list (COCO-style, several per image), or None."""
+    meta = sample.get("json")
+    if meta is None:
+        return None
+    try:
+        caps = json.loads(meta).get("captions")
+    except (ValueError, AttributeError):
+        return None
+    return [str(c) for c in caps] if isinstance(caps, list) and caps else None
+
+
 def _caption(sample: dict[str, Any], rng_: random.Random) -> str | None:
     """The caption of a visit: one drawn from KEY.json's "captions" (COCO) or KEY.txt."""
-    meta = sample.get("json")
-    if meta is not None:
-        try:
-            caps = json.loads(meta).get("captions")
-        except (ValueError, AttributeError):
-            caps = None
-        if isinstance(caps, list) and caps:
-            return str(rng_.choice(caps))
+    caps = json_captions(sample)
+    if caps:
+        return rng_.choice(caps)
     txt = sample.get("txt")
     return txt.decode("utf-8", errors="replace") if txt is not None else None
 

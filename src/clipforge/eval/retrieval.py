@@ -16,7 +16,6 @@ same [N, D] and [M, D] matrices and the same numbers come out with 1 or N proces
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.data.pipeline import EvalLoader, iter_shard
+from clipforge.data.pipeline import EvalLoader, iter_shard, json_captions
 from clipforge.data.shards import ShardSet
 from clipforge.engine.dist import all_gather_object
 
@@ -36,14 +35,9 @@ _CHUNK = 1024
 
 def captions_of(sample: dict[str, Any]) -> list[str]:
     """Every caption of a raw sample: KEY.json "captions" when present, else KEY.txt."""
-    meta = sample.get("json")
-    if meta is not None:
-        try:
-            caps = json.loads(meta).get("captions")
-        except (ValueError, AttributeError):
-            caps = None
-        if isinstance(caps, list) and caps:
-            return [str(c) for c in caps]
+    caps = json_captions(sample)
+    if caps:
+        return caps
     txt = sample.get("txt")
     return [txt.decode("utf-8", errors="replace")] if txt is not None else []
 
