@@ -241,3 +241,51 @@ def test_parameter_count_parity_with_open_clip(name: str) -> None:
 
 def test_init_logit_scale_default() -> None:
     assert math.exp(ModelConfig().init_logit_scale) == pytest.approx(1 / 0.07)
+
+
+# timm ViT name -> open_clip VisionTransformer name, for the tensors whose init differs.
+VIT_INIT_NAMES = {
+    "trunk.patch_embed.proj.weight": "conv1.weight",
+    "trunk.cls_token": "class_embedding",
+    "trunk.pos_embed": "positional_embedding",
+    "trunk.blocks.0.attn.qkv.weight": "transformer.resblocks.0.attn.in_proj_weight",
+    "trunk.blocks.0.attn.qkv.bias": "transformer.resblocks.0.attn.in_proj_bias",
+    "trunk.blocks.0.attn.proj.weight": "transformer.resblocks.0.attn.out_proj.weight",
+    "trunk.blocks.3.mlp.fc1.weight": "transformer.resblocks.3.mlp.c_fc.weight",
+    "trunk.blocks.3.mlp.fc2.weight": "transformer.resblocks.3.mlp.c_proj.weight",
+    "trunk.blocks.3.mlp.fc2.bias": "transformer.resblocks.3.mlp.c_proj.bias",
+    "proj.weight": "proj",
+}
+
+
+@pytest.mark.parametrize("init", ["clip", "timm"])
+def test_vit_init_matches_open_clip(init: str) -> None:
+    """init=clip draws every ViT tensor at open_clip's scale; timm's own init does not (its
+    class token starts at std 1e-6, its position embedding at 0.02 instead of width**-0.5)."""
+    open_clip = pytest.importorskip("open_clip")
+    cfg = load_cfg("tiny")
+    cfg.image.init = init
+    torch.manual_seed(0)
+    ours = dict(build_model(cfg, vocab_size=VOCAB).visual.named_parameters())
+    vision = {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 4}
+    text = {"context_length": 16, "vocab_size": VOCAB, "width": 128, "heads": 4, "layers": 4}
+    theirs = dict(open_clip.model.CLIP(128, vision, text).visual.named_parameters())
+    stds = {ours_name: (ours[ours_name].std().item(), theirs[ref].std().item())
+            for ours_name, ref in VIT_INIT_NAMES.items()}  # fmt: skip
+    for name, ref in VIT_INIT_NAMES.items():
+        assert ours[name].numel() == theirs[ref].numel(), name
+    close = {n: a == b == 0 or a == pytest.approx(b, rel=0.1) for n, (a, b) in stds.items()}
+    if init == "clip":
+        assert all(close.values()), stds
+    else:
+        assert not close["trunk.cls_token"] and not close["trunk.pos_embed"], stds
+
+
+def test_image_init_validated() -> None:
+    from clipforge.config import Config, ConfigError, validate
+
+    cfg = Config()
+    cfg.data.synthetic = True
+    cfg.model.image.init = "xavier"
+    with pytest.raises(ConfigError, match="model.image.init='xavier' is not one of clip, timm"):
+        validate(cfg)

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+IMAGE_INITS = ("clip", "timm")
+
 
 @dataclass
 class ImageTowerConfig:
@@ -26,6 +28,11 @@ class ImageTowerConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     # FLIP-style patch dropout: fraction of patch tokens dropped in training (ViT only).
     patch_dropout: float = 0.0
+    # How a timm ViT trunk starts: "clip" re-initializes it as OpenAI CLIP and open_clip do
+    # (PyTorch's layer defaults, xavier q/k/v, class token and position embedding of std
+    # width**-0.5); "timm" keeps timm's own init (timm_kwargs.weight_init picks its flavour).
+    # Other trunks (ResNets, ConvNeXts) always keep timm's init.
+    init: str = "clip"
 
 
 @dataclass
@@ -288,6 +295,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append("model.text.context_length must hold at least SOS, one token and EOS")
     if not 0.0 <= cfg.model.image.patch_dropout < 1.0:
         problems.append("model.image.patch_dropout must be in [0, 1)")
+    if cfg.model.image.init not in IMAGE_INITS:
+        problems.append(
+            f"model.image.init={cfg.model.image.init!r} is not one of {', '.join(IMAGE_INITS)}"
+        )
     if cfg.data.workers < 0:
         problems.append("data.workers must be >= 0")
     problems += _data_problems(cfg.data)

@@ -85,9 +85,39 @@ def _no_patch_dropout(cfg: ImageTowerConfig) -> str:
     )
 
 
+def clip_init_(trunk: nn.Module) -> bool:
+    """Re-initialize a timm ViT as OpenAI CLIP's and open_clip's ViTs start; False if not a ViT.
+
+    Those use PyTorch's own layer defaults (uniform +-1/sqrt(fan_in) for linear and conv
+    weights), xavier-uniform q/k/v with zero attention biases (nn.MultiheadAttention), and a
+    class token and position embedding drawn with std width**-0.5. timm's default (std 0.02
+    everywhere, class token 1e-6) starts every image at nearly the same embedding: from
+    scratch at small scale that costs the contrastive loss its first hundreds of steps.
+    """
+    if not isinstance(getattr(trunk, "pos_embed", None), nn.Parameter):
+        return False
+    for module in trunk.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            module.reset_parameters()
+    for module in trunk.modules():
+        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+        if isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear):
+            nn.init.xavier_uniform_(qkv.weight)
+            for linear in (qkv, proj):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+    scale = trunk.num_features**-0.5
+    nn.init.normal_(trunk.pos_embed, std=scale)
+    if isinstance(getattr(trunk, "cls_token", None), nn.Parameter):
+        nn.init.normal_(trunk.cls_token, std=scale)
+    return True
+
+
 def build_image_tower(cfg: ImageTowerConfig, embed_dim: int) -> ImageTower:
     """Build the timm trunk named by cfg.timm_name (never pretrained) and its projection."""
     trunk = _create_trunk(cfg)
+    if cfg.init == "clip":
+        clip_init_(trunk)
     if cfg.patch_dropout > 0 and not isinstance(getattr(trunk, "patch_drop", None), PatchDropout):
         # Some timm models swallow unknown kwargs; make sure the dropout really exists.
         raise ValueError(_no_patch_dropout(cfg))
