@@ -379,8 +379,8 @@ def render(results: dict) -> str:
         START,
         f"Measured {time.strftime('%Y-%m-%d')} by `tests/bench/bench_cifar.py` "
         f"(BENCH_SECONDS={SECONDS:g}, BENCH_NPROC={NPROC}) on a shared 2-core CPU. A tiny CLIP "
-        "(ViT 4x128 on 32 px with 4 px patches, text 4x128, embed 128; ours with the recipe's "
-        "xavier init of timm's ViT) from scratch on the 50,000 "
+        "(ViT 4x128 on 32 px with 4 px patches, text 4x128, embed 128; both towers initialized "
+        "as open_clip's, our default `model.image.init=clip`) from scratch on the 50,000 "
         "CIFAR-10 training photos, captions from 8 templates; zero-shot on the 10,000 test photos "
         "with 5 held-out templates (ensembled), both checkpoints scored by clipforge.eval's code. "
         f"Same global batch ({BATCH}), lr, warmup + cosine, weight decay, clipping and crop scale; "
