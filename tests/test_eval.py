@@ -222,6 +222,46 @@ def test_set_name():
     assert suite.set_name("/a/x::/b/y") == "x"
 
 
+def test_set_names_are_distinct():
+    assert suite.set_names(["/d/cifar10/test", "s3://b/stl10/test/", "/d/coco"]) == [
+        "cifar10_test",
+        "stl10_test",
+        "coco",
+    ]
+    assert suite.set_names(["/a/b", "/a/b"]) == ["a_b_0", "a_b_1"]
+    assert suite.sources(None) == [] and suite.sources("x") == ["x"]
+
+
+def test_several_sets_of_a_kind_each_report(tmp_path):
+    """eval.zeroshot=[A,B]: each set is scored and named by its own folder; here the second
+    set holds other samples (per_class=2), so its numbers are its own, not the first's."""
+    big = write_eval_set(tmp_path / "a" / "test")
+    small = write_eval_set(tmp_path / "b" / "test", per_class=2)
+    cfg = OmegaConf.to_object(OmegaConf.structured(Config)).eval
+    cfg.zeroshot = [str(big), str(small)]
+    cfg.retrieval = str(small)
+    cfg.batch_size = 5
+    results = suite.run_sets(colour_encoders(), cfg)
+    assert [
+        (r.kind, r.set, r.metrics.get("samples", r.metrics.get("images"))) for r in results
+    ] == [
+        ("zeroshot", "a_test", 12),
+        ("zeroshot", "b_test", 6),
+        ("retrieval", "test", 6),
+    ]
+    written = suite.write_results(results, tmp_path / "out")
+    assert len({p.name for p in written}) == len(written)
+
+
+@pytest.mark.parametrize("value", [3, ["ok", ""], {"a": "b"}])
+def test_eval_sources_are_validated(value):
+    cfg = Config()
+    cfg.data.train = "x"
+    cfg.eval.zeroshot = value
+    with pytest.raises(ConfigError, match="eval.zeroshot must be a shard source or a list"):
+        validate(cfg)
+
+
 # -- figures -----------------------------------------------------------------------------------
 def test_confusion_image_shades_by_row_recall():
     img = figures.confusion_image([[9, 1], [0, 5]], ["cat", "dog"], title="t")

@@ -4,6 +4,7 @@ eval with 1 process and with 2 under torchrun (same numbers); plus training-time
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,22 @@ def test_eval_cli_rejects_bad_arguments(run_dir, capsys):
     assert eval_cli.main([f"checkpoint={run_dir}", "eval.zeroshott=x"]) == 2
     assert "zeroshott" in capsys.readouterr().err
     assert eval_cli.main(["--checkpoint", str(run_dir)]) == 2
+    capsys.readouterr()
+    assert eval_cli.main([f"checkpoint={run_dir}", "eval.zeroshot=[a,'']"]) == 2
+    assert "eval.zeroshot must be a shard source or a list" in capsys.readouterr().err
+
+
+def test_eval_cli_takes_a_list_of_sets(run_dir, tmp_path, capsys):
+    evalset = run_dir.parent / "set"
+    other = tmp_path / "other" / "set"
+    shutil.copytree(evalset, other)
+    args = [f"checkpoint={run_dir}", f"eval.zeroshot=[{evalset},{other}]", "eval.retrieval=null",
+            "eval.batch_size=6", f"out={tmp_path / 'out'}"]  # fmt: skip
+    assert eval_cli.main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["set"] for r in lines] == [f"{run_dir.parent.name}_set", "other_set"]
+    assert lines[0]["top1"] == lines[1]["top1"] == 1.0
+    assert (tmp_path / "out" / "zeroshot_other_set.json").is_file()
 
 
 @pytest.mark.multiproc

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import ListConfig
 
 IMAGE_INITS = ("clip", "timm")
 
@@ -144,10 +145,12 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    # A zero-shot classification set in WebDataset form (.cls + classnames.txt).
-    zeroshot: Optional[str] = None
-    # A captioned retrieval set: KEY.txt, or KEY.json {"captions": [...]} for several per image.
-    retrieval: Optional[str] = None
+    # Zero-shot classification sets in WebDataset form (.cls + classnames.txt): one source, or
+    # a list for several (eval.zeroshot=[A,B]), each reported under its folder's name.
+    zeroshot: Any = None
+    # Captioned retrieval sets, one or a list: KEY.txt, or KEY.json {"captions": [...]} for
+    # several captions per image.
+    retrieval: Any = None
     # Prompt templates with "{}" for the class name; a templates file beside the set wins.
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     # Evaluate every N steps (0: only at the end of training).
@@ -255,6 +258,28 @@ def _data_problems(data: DataConfig) -> list[str]:
     return problems
 
 
+def eval_problems(ev: EvalConfig) -> list[str]:
+    """What is wrong with an eval section (training's validate and the standalone eval)."""
+    problems: list[str] = []
+    for kind in ("zeroshot", "retrieval"):
+        value = getattr(ev, kind)
+        if not (value is None or isinstance(value, str) or _is_str_list(value)):
+            problems.append(f"eval.{kind} must be a shard source or a list of them, got {value!r}")
+    if ev.every < 0 or ev.batch_size <= 0:
+        problems.append("eval.every must be >= 0 and eval.batch_size > 0")
+    if not ev.recall_at or any(k <= 0 for k in ev.recall_at):
+        problems.append(f"eval.recall_at must be positive integers, got {ev.recall_at}")
+    if not ev.templates or any("{}" not in t for t in ev.templates):
+        problems.append("eval.templates must be non-empty, each with a {} for the class name")
+    return problems
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, ListConfig)) and all(
+        isinstance(v, str) and v for v in value
+    )
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Raise one ConfigError naming every problem, so a user fixes them all in one go."""
     problems: list[str] = []
@@ -307,12 +332,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(f"deepspeed.zero_optimization.stage must be 0-3, got {zero}")
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
-    if cfg.eval.every < 0 or cfg.eval.batch_size <= 0:
-        problems.append("eval.every must be >= 0 and eval.batch_size > 0")
-    if not cfg.eval.recall_at or any(k <= 0 for k in cfg.eval.recall_at):
-        problems.append(f"eval.recall_at must be positive integers, got {cfg.eval.recall_at}")
-    if not cfg.eval.templates or any("{}" not in t for t in cfg.eval.templates):
-        problems.append("eval.templates must be non-empty, each with a {} for the class name")
+    problems += eval_problems(cfg.eval)
     if cfg.loss.kind not in ("clip",):
         problems.append(f"loss.kind must be 'clip', got {cfg.loss.kind!r}")
     if problems:

@@ -1,6 +1,7 @@
 """Evaluate a trained run's exported weights on zero-shot and retrieval sets, standalone.
 
     python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS eval.retrieval=SHARDS
+    python -m clipforge.eval checkpoint=RUN_DIR "eval.zeroshot=[SHARDS_A,SHARDS_B]"
     torchrun --nproc_per_node 2 -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS
 
 Arguments are key=value, typed like the training config's `eval.*` (whose values in
@@ -23,7 +24,7 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from clipforge.config import EvalConfig
+from clipforge.config import EvalConfig, eval_problems
 from clipforge.data.shards import SourceError
 from clipforge.engine import dist
 from clipforge.eval import suite
@@ -52,7 +53,11 @@ def parse(argv: list[str]) -> EvalArgs:
     if run_cfg.is_file():  # the run's eval section under the command line's
         run_eval = OmegaConf.load(run_cfg).get("eval") or {}
         merged = OmegaConf.merge(schema, {"eval": run_eval}, cli)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    args: EvalArgs = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    problems = eval_problems(args.eval)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,16 +52,37 @@ class SetResult:
         return {"set": self.set, "kind": self.kind, **self.metrics}
 
 
-def set_name(source: str) -> str:
-    """A short name for a set: its folder (`.../cifar10_test/` or its manifest) -> cifar10_test."""
+def set_name(source: str, parents: int = 0) -> str:
+    """A short name for a set: its folder (`.../cifar10_test/` or its manifest) -> cifar10_test;
+    `parents` > 0 prepends that many parent folders (`cifar10/test` -> cifar10_test)."""
     first = source.split("::")[0].rstrip("/")
     if first.endswith(".json") or "{" in first or first.endswith(".tar"):
         first = posixpath.dirname(first)
-    return posixpath.basename(first.rstrip("/")) or "set"
+    parts = [p for p in first.split("/") if p and not p.endswith(":")]
+    return "_".join(parts[len(parts) - 1 - parents :]) or "set"
+
+
+def sources(value: str | Sequence[str] | None) -> list[str]:
+    """eval.zeroshot / eval.retrieval as a list: None -> [], one source -> [it]."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def set_names(srcs: Sequence[str]) -> list[str]:
+    """Distinct names for a kind's sets: folder names, with parent folders prepended only
+    where two sets share one (`cifar10/test`, `stl10/test` -> cifar10_test, stl10_test)."""
+    names = [set_name(s) for s in srcs]
+    for parents in range(1, 8):
+        if len(set(names)) == len(names):
+            return names
+        names = [set_name(s, parents) if names.count(n) > 1 else n for s, n in zip(srcs, names)]
+    # Still equal (the same source given twice): number them.
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def has_sets(cfg: EvalConfig) -> bool:
-    return bool(cfg.zeroshot or cfg.retrieval)
+    return bool(sources(cfg.zeroshot) or sources(cfg.retrieval))
 
 
 def run_sets(
@@ -79,13 +100,14 @@ def run_sets(
     the set's files, the same on every rank and before any collective, so no rank is left
     waiting in one.
     """
-    jobs = [(run_zeroshot, cfg.zeroshot), (run_retrieval, cfg.retrieval)]
+    jobs = []
+    for fn, value in ((run_zeroshot, cfg.zeroshot), (run_retrieval, cfg.retrieval)):
+        srcs = sources(value)
+        jobs += [(fn, src, name) for src, name in zip(srcs, set_names(srcs))]
     out = []
-    for fn, source in jobs:
-        if not source:
-            continue
+    for fn, source, name in jobs:
         try:
-            out.append(fn(source, enc, cfg, rank, world, draw and cfg.figures))
+            out.append(fn(source, enc, cfg, rank, world, draw and cfg.figures, name=name))
         except SourceError as e:
             if strict:
                 raise
@@ -94,7 +116,13 @@ def run_sets(
 
 
 def run_zeroshot(
-    source: str, enc: Encoders, cfg: EvalConfig, rank: int, world: int, draw: bool
+    source: str,
+    enc: Encoders,
+    cfg: EvalConfig,
+    rank: int,
+    world: int,
+    draw: bool,
+    name: str | None = None,
 ) -> SetResult:
     sset = resolve(source)
     if not sset.classnames:
@@ -106,7 +134,7 @@ def run_zeroshot(
     )
     batches = EvalLoader(sset, enc.transform, cfg.batch_size, rank, world)
     res = zeroshot.evaluate(enc.encode_image, batches, classifier)
-    name = set_name(source)
+    name = name or set_name(source)
     details = {
         "classnames": sset.classnames,
         "templates": templates,
@@ -121,7 +149,13 @@ def run_zeroshot(
 
 
 def run_retrieval(
-    source: str, enc: Encoders, cfg: EvalConfig, rank: int, world: int, draw: bool
+    source: str,
+    enc: Encoders,
+    cfg: EvalConfig,
+    rank: int,
+    world: int,
+    draw: bool,
+    name: str | None = None,
 ) -> SetResult:
     sset = resolve(source)
     batches = retrieval.CaptionedLoader(sset, enc.transform, cfg.batch_size, rank, world)
@@ -138,7 +172,7 @@ def run_retrieval(
     pics = {}
     if draw:
         pics["retrieval"] = _strip(sset, images, text_feats, owner)
-    return SetResult(set_name(source), "retrieval", metrics, {}, pics)
+    return SetResult(name or set_name(source), "retrieval", metrics, {}, pics)
 
 
 def _strip(
