@@ -92,6 +92,11 @@ def test_eval_cli_rejects_bad_arguments(run_dir, capsys):
     capsys.readouterr()
     assert eval_cli.main([f"checkpoint={run_dir}", "eval.zeroshot=[a,'']"]) == 2
     assert "eval.zeroshot must be a shard source or a list" in capsys.readouterr().err
+    args = [f"checkpoint={run_dir}", "eval.zeroshot=null", "eval.retrieval=null"]
+    assert eval_cli.main(args) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert eval_cli.main([f"checkpoint={run_dir / 'nope'}", "eval.zeroshot=x"]) == 2
+    assert "no tokenizer.model" in capsys.readouterr().err
 
 
 def test_eval_cli_takes_a_list_of_sets(run_dir, tmp_path, capsys):

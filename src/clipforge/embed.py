@@ -13,7 +13,6 @@ KEY.txt), keyed KEY for a single caption and KEY#i for the i-th of several.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -24,9 +23,8 @@ import torch
 
 from clipforge.data.pipeline import EvalLoader
 from clipforge.data.shards import SourceError, resolve
-from clipforge.engine import dist
 from clipforge.eval import retrieval
-from clipforge.eval.exported import ExportedRun, load_run, pick_device
+from clipforge.eval.exported import ExportedRun, on_ranks
 
 
 def embed_images(run: ExportedRun, source: str, batch_size: int, rank: int, world: int):
@@ -83,18 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.suffix not in (".npy", ".parquet"):
         print(f"error: --out must end in .npy or .parquet, got {args.out}", file=sys.stderr)
         return 2
-    info = dist.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    rank, world = (info.rank, info.world_size) if info else (0, 1)
-    try:
-        run = load_run(args.checkpoint, info.device if info else pick_device(args.device))
-        fn = embed_images if args.kind == "image" else embed_texts
-        keys, feats, captions = fn(run, args.input, args.batch_size, rank, world)
-    except (SourceError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    fn = embed_images if args.kind == "image" else embed_texts
+    done = on_ranks(
+        args.checkpoint,
+        args.device,
+        lambda run, rank, world: fn(run, args.input, args.batch_size, rank, world),
+    )
+    if done is None:
         return 2
-    finally:
-        if info:
-            dist.teardown()
+    rank, (keys, feats, captions) = done
     if rank == 0:
         write(args.out, keys, feats, captions)
         print(f"{len(keys)} {args.kind} embeddings of dim {feats.shape[1]} -> {args.out}")

@@ -15,7 +15,6 @@ and the counts summed, which gives the same numbers as one process.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clipforge.config import EvalConfig, eval_problems
-from clipforge.data.shards import SourceError
-from clipforge.engine import dist
 from clipforge.eval import suite
-from clipforge.eval.exported import load_run, pick_device
+from clipforge.eval.exported import on_ranks
 
 
 @dataclass
@@ -55,6 +52,8 @@ def parse(argv: list[str]) -> EvalArgs:
         merged = OmegaConf.merge(schema, {"eval": run_eval}, cli)
     args: EvalArgs = OmegaConf.to_object(merged)  # type: ignore[assignment]
     problems = eval_problems(args.eval)
+    if not suite.has_sets(args.eval):
+        problems.append("nothing to evaluate: give eval.zeroshot=SHARDS or eval.retrieval=SHARDS")
     if problems:
         raise ValueError("; ".join(problems))
     return args
@@ -70,24 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OmegaConfBaseException) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    # One process needs no process group; torchrun's several do (the eval gathers counts).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    info = dist.setup() if distributed else None
-    rank, world = (info.rank, info.world_size) if info else (0, 1)
-    try:
-        device = info.device if info else pick_device(args.device)
-        run = load_run(args.checkpoint, device)
-        if not suite.has_sets(args.eval):
-            raise SourceError(
-                "nothing to evaluate: give eval.zeroshot=SHARDS or eval.retrieval=SHARDS"
-            )
-        results = suite.run_sets(run.encoders(), args.eval, rank, world, draw=rank == 0)
-    except (SourceError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    # Under torchrun the sets are split over the processes and the counts gathered.
+    done = on_ranks(
+        args.checkpoint,
+        args.device,
+        lambda run, rank, world: suite.run_sets(
+            run.encoders(), args.eval, rank, world, draw=rank == 0
+        ),
+    )
+    if done is None:
         return 2
-    finally:
-        if info:
-            dist.teardown()
+    rank, results = done
     if rank == 0:
         out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
         suite.write_results(results, out)

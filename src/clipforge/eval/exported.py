@@ -7,19 +7,27 @@ tokenizer.model (checkpoint.load_exported). No DeepSpeed, no optimizer state, an
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
 
 from clipforge.checkpoint import load_exported
 from clipforge.config import Config
+from clipforge.data.shards import SourceError
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.data.transforms import eval_transform
+from clipforge.engine import dist
 from clipforge.eval.suite import Encoders
 from clipforge.model import build_model
 from clipforge.model.clip import CLIP
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,3 +75,25 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> Exporte
     model.load_state_dict(state)
     device = torch.device(device)
     return ExportedRun(model.to(device).eval(), tokenizer, cfg, device)
+
+
+def on_ranks(
+    checkpoint: str | Path, device: str, work: Callable[[ExportedRun, int, int], T]
+) -> tuple[int, T] | None:
+    """The command-line tools' frame: load the run and call work(run, rank, world_size).
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group first, each rank on its own
+    device, and leaves it afterwards; one process needs none. Returns (rank, result), or None
+    once a bad input (missing files, an unusable set) has been printed as one error line.
+    """
+    info = dist.setup() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    rank, world = (info.rank, info.world_size) if info else (0, 1)
+    try:
+        run = load_run(checkpoint, info.device if info else pick_device(device))
+        return rank, work(run, rank, world)
+    except (SourceError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    finally:
+        if info:
+            dist.teardown()
