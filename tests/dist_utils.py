@@ -3,6 +3,10 @@
     from dist_utils import run_distributed
     results = run_distributed(my_fn, 2, arg)   # my_fn(rank, world_size, arg) on ranks 0 and 1
 
+backend="cuda_only" gives the default group a backend that, like NCCL, has no CPU side (it is
+gloo registered for the "cuda" device type alone): any collective on a CPU tensor through it
+raises, as it would under NCCL on a GPU machine.
+
 `my_fn` must be defined at module level in an importable module (the processes are spawned, so
 it is pickled by name), and its return value must be torch.save-able. A rank that raises makes
 run_distributed raise with that rank's traceback; a hang is cut off after `timeout` seconds.
@@ -44,6 +48,7 @@ def _entry(
     timeout: float,
     out: str,
     args: tuple[Any, ...],
+    backend: str,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -55,8 +60,10 @@ def _entry(
     # The test machines have few cores; N processes each using every core only thrash.
     torch.set_num_threads(1)
     try:
+        if backend == CUDA_ONLY:
+            _register_cuda_only()
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
@@ -71,8 +78,23 @@ def _entry(
         raise SystemExit(1) from None
 
 
+CUDA_ONLY = "cuda_only"
+
+
+def _register_cuda_only() -> None:
+    def create(store, rank, size, timeout):
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+    if CUDA_ONLY not in dist.Backend.backend_list:
+        dist.Backend.register_backend(CUDA_ONLY, create, devices=["cuda"])
+
+
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Call fn(rank, world_size, *args) in `world_size` gloo processes; return values by rank.
 
@@ -86,7 +108,7 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_entry,
-                args=(fn, r, world_size, port, timeout, outs[r], args),
+                args=(fn, r, world_size, port, timeout, outs[r], args, backend),
                 daemon=True,
             )
             for r in range(world_size)

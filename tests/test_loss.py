@@ -246,6 +246,24 @@ def _distributed_worker(rank: int, world: int) -> dict[str, object]:
         out["unequal_gather"] = None
     except ValueError as err:
         out["unequal_gather"] = str(err)
+
+    # The shape check is a collective and a host sync: once per loss module by default (the
+    # training loader guarantees equal batches), every call with "always".
+    from clipforge.loss import gather
+
+    calls = []
+    original = gather.all_gather_sizes
+    gather.all_gather_sizes = lambda x: calls.append(1) or original(x)
+    try:
+        image, text = global_features(world * LOCAL_BATCH, torch.float32)
+        for checks in (True, "always"):
+            calls.clear()
+            module = ContrastiveLoss(check_batch_sizes=checks)
+            for _ in range(3):
+                module(image[lo:hi], text[lo:hi], torch.tensor([SCALE]))
+            out[f"checks {checks}"] = len(calls)
+    finally:
+        gather.all_gather_sizes = original
     return out
 
 
@@ -337,3 +355,10 @@ def test_unequal_local_batches_raise_on_every_rank(distributed) -> None:
         for rank in range(world):
             assert f"rank {rank}: [{LOCAL_BATCH + rank}, {DIM}]" in message
             assert f"rank {rank}: [{1 + rank}, 2]" in out["unequal_gather"]
+
+
+@pytest.mark.multiproc
+def test_batch_shape_check_runs_once(distributed) -> None:
+    _, results = distributed
+    for r in results:
+        assert r["checks True"] == 1 and r["checks always"] == 3, r

@@ -3,6 +3,12 @@
 This file and loss/gather.py are the only places that call torch.distributed. Training always
 runs inside a process group, even with one process, because DeepSpeed requires one; without
 torchrun's variables we make a single-process group on loopback (plain `python -m ...`).
+
+Two groups, one per kind of tensor. NCCL moves CUDA tensors only, so on GPUs the default group
+(nccl) carries the training collectives (DeepSpeed's gradient reductions, the loss's gather),
+and a second group over the same ranks, gloo, carries the host-side agreement: stop flags,
+barriers, eval counts and pickled objects. On CPU both are the one gloo group. Every helper
+below goes through `host_group()`, so none of them can hand NCCL a CPU tensor.
 """
 
 from __future__ import annotations
@@ -56,8 +62,19 @@ def _fill_env() -> None:
     env.setdefault("MASTER_PORT", str(_free_port()))
 
 
+# The gloo group of host-side collectives when the default group cannot take CPU tensors (nccl);
+# None means the default group takes them itself (gloo).
+_HOST_GROUP: dist.ProcessGroup | None = None
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The group for CPU tensors and objects: the gloo side group on GPUs, else the default."""
+    return _HOST_GROUP
+
+
 def setup(timeout_s: int = 1800) -> DistInfo:
-    """Initialise the process group once: nccl on GPUs, gloo on CPU (DS_ACCELERATOR=cpu)."""
+    """Initialise the process group once: nccl on GPUs, gloo on CPU (DS_ACCELERATOR=cpu); on
+    GPUs also the gloo group of host-side collectives (see the module docstring)."""
     _fill_env()
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not use_cuda:
@@ -70,6 +87,7 @@ def setup(timeout_s: int = 1800) -> DistInfo:
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    use_host_group(timeout_s)
     world = dist.get_world_size()
     return DistInfo(
         rank=dist.get_rank(),
@@ -81,46 +99,61 @@ def setup(timeout_s: int = 1800) -> DistInfo:
     )
 
 
+def use_host_group(timeout_s: int = 1800) -> None:
+    """Create the gloo side group if the default group's backend refuses CPU tensors.
+
+    Called by setup(); also by whoever initialised the default group itself (tests). Every rank
+    must call it, in the same order relative to other group creations (new_group is collective).
+    """
+    global _HOST_GROUP
+    _HOST_GROUP = None
+    if not dist.is_initialized() or _takes_cpu_tensors(dist.group.WORLD):
+        return
+    _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def _takes_cpu_tensors(group: dist.ProcessGroup) -> bool:
+    # A process group dispatches by device type; nccl registers "cuda" only.
+    try:
+        return group._get_backend(torch.device("cpu")) is not None
+    except RuntimeError:
+        return False
+
+
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
+    """Wait for every rank (host side: no device stream is involved)."""
     if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (no-op for one process); used for eval counts and throughput."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+        dist.barrier(group=host_group())
 
 
 def all_gather_object(obj: object) -> list[object]:
     """Every rank's `obj`, in rank order ([obj] for one process); pickled, so keep it small and
     on the CPU (eval embeddings and keys, not training tensors)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    # On the gloo group the objects travel as CPU byte tensors; on nccl they would be copied to
+    # the GPU and back for nothing.
+    dist.all_gather_object(out, obj, group=host_group())
     return out
 
 
 def teardown() -> None:
+    global _HOST_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any (a stop request must be seen by all ranks at
     the same step, or they would disagree on whether to enter the next collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi():
         return flag
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return bool(t.item())

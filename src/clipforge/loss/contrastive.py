@@ -49,8 +49,10 @@ one process holding the global batch: 1e-5 in float32, 1e-10 in float64):
    rows; the mean over ranks in (1) equals the global mean only if every rank divides by the same
    B (otherwise samples on a smaller rank weigh more); and the collective itself needs equal
    shapes (gloo aborts the process, NCCL may hang). The loss therefore gathers the [B, D] shapes
-   first and raises ValueError on every rank if they differ (`check_batch_sizes=False` skips
-   that check's tiny collective and host sync when the loader guarantees equal batches).
+   on its first call and raises ValueError on every rank if they differ. Only the first: the
+   check is a collective plus a host sync, which would stall every step's GPU queue, and the
+   training loader guarantees equal batches from then on (`check_batch_sizes="always"` checks
+   every call, for callers without that guarantee; False never checks).
 
 Single process (or no process group): the gather is the identity, r = 0, B = N, and loss_r = L.
 """
@@ -77,9 +79,11 @@ class ContrastiveLoss(nn.Module):
     exp of the learned log-scale, shape [] or [1]).
     """
 
-    def __init__(self, check_batch_sizes: bool = True) -> None:
+    def __init__(self, check_batch_sizes: bool | str = True) -> None:
         super().__init__()
+        # True: the first call; "always": every call; False: never (see point 6 above).
         self.check_batch_sizes = check_batch_sizes
+        self._checked = False
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
         return self.loss_and_metrics(image_features, text_features, logit_scale)[0]
@@ -104,6 +108,11 @@ class ContrastiveLoss(nn.Module):
             }
         return loss, metrics
 
+    def _should_check(self) -> bool:
+        if self.check_batch_sizes == "always":
+            return True
+        return bool(self.check_batch_sizes) and not self._checked
+
     def _local_logits(
         self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,10 +123,11 @@ class ContrastiveLoss(nn.Module):
             )
         rank, world = world_info()
         local_batch, dim = image_features.shape
-        if self.check_batch_sizes and world > 1:
+        if world > 1 and self._should_check():
             check_same_shape(
                 image_features, name="ContrastiveLoss [batch, dim]", hint=EQUAL_BATCHES
             )
+            self._checked = True
         # One collective for both modalities instead of two: the features are concatenated
         # along dim 1, gathered, and split again. Slicing is differentiable, so each half's
         # gradient returns through the same summing backward as two separate gathers would.
