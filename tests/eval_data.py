@@ -89,14 +89,9 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-_RUNS: dict[Path, Path] = {}
-
-
-def trained_run(work: Path, steps: int = 60) -> Path:
-    """A tiny CLIP trained for `steps` on 60 squares through the real tools, evaluated during
-    training on WORK/set; cached per folder, so test modules sharing a folder train it once."""
-    if work in _RUNS:
-        return _RUNS[work]
+def captioned_shards(work: Path) -> Path:
+    """WORK/shards: 60 captioned squares through data_tools.convert, with a 48-piece
+    sentencepiece tokenizer recorded in the manifest."""
     raw = work / "raw"
     raw.mkdir(parents=True)
     rows = []
@@ -114,6 +109,18 @@ def trained_run(work: Path, steps: int = 60) -> Path:
         "--caption-col", "caption", "--output", str(shards), "--image-size", "32",
         "--resize-mode", "center_crop", "--samples-per-shard", "30")  # fmt: skip
     run("-m", "data_tools.tokenizer", "--input", str(shards), "--vocab-size", "48")
+    return shards
+
+
+_RUNS: dict[Path, Path] = {}
+
+
+def trained_run(work: Path, steps: int = 60) -> Path:
+    """A tiny CLIP trained for `steps` on 60 squares through the real tools, evaluated during
+    training on WORK/set; cached per folder, so test modules sharing a folder train it once."""
+    if work in _RUNS:
+        return _RUNS[work]
+    shards = captioned_shards(work)
     run_dir, evalset = work / "run", write_eval_set(work / "set")
     # Training-time eval too (the DeepSpeed engine's encoders): at step 30 and at the end.
     run("-m", "clipforge.train", "experiment=smoke_cpu", f"run_dir={run_dir}",

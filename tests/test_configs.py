@@ -61,3 +61,20 @@ def test_validate_lists_every_problem():
     msg = str(err.value)
     for key in ("data.train", "train.steps", "optim.lr", "model.text.width"):
         assert key in msg
+
+
+def test_precision_is_checked_against_the_device(monkeypatch):
+    import torch
+
+    from clipforge.engine import precision
+
+    cfg = _compose("experiment=smoke_cpu", "train.precision=fp16")
+    validate(cfg, 1)  # without a device only the name is checked
+    monkeypatch.setattr(precision, "supports", lambda p, d: p != "fp16")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 1, torch.device("cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and "train.precision=fp16" in msg and "fp32" in msg
+    cfg.train.precision = "auto"  # resolves to what the device has: fp32 on a CPU
+    validate(cfg, 1, torch.device("cpu"))
+    assert precision.resolve("auto", torch.device("cpu")) == "fp32"

@@ -123,3 +123,40 @@ def test_invalid_values_are_all_reported_at_once(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: invalid configuration")
     assert "train.steps" in line and "train.precision" in line
+
+
+def test_tokenizer_larger_than_the_text_tower_is_one_clear_line(tmp_path):
+    from eval_data import captioned_shards
+
+    shards = captioned_shards(tmp_path)  # a 48-piece tokenizer in the manifest
+    proc = train(
+        tmp_path / "r",
+        "experiment=smoke_cpu",
+        "data.synthetic=false",
+        f"data.train={shards}",
+        "data.workers=0",
+        "model.text.vocab_size=16",
+        "train.steps=2",
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "48" in errors[0] and "model.text.vocab_size" in errors[0], errors
+    assert not (tmp_path / "r" / "checkpoints").exists()  # refused before any training
+
+
+def _cpu_has_fp16() -> bool:
+    import torch
+
+    from clipforge.engine.precision import supports
+
+    return supports("fp16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(_cpu_has_fp16(), reason="this CPU has oneDNN fp16 kernels: nothing to refuse")
+def test_fp16_on_a_cpu_without_it_is_one_clear_line(tmp_path):
+    proc = train(tmp_path / "r", "experiment=smoke_cpu", "train.precision=fp16")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.precision=fp16" in errors[0], proc.stderr

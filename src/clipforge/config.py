@@ -122,8 +122,14 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 10
     grad_clip: float = 1.0
-    # fp32 | bf16 | fp16 (fp16 with DeepSpeed's dynamic loss scale)
-    precision: str = "fp32"
+    # auto | fp32 | bf16 | fp16 (fp16 with DeepSpeed's dynamic loss scale); auto is bf16 on
+    # GPUs that have it and fp32 on CPU. The whole policy: clipforge/engine/precision.py.
+    precision: str = "auto"
+    # Gradients are reduced across ranks in fp32, or in the compute dtype ("compute": half the
+    # traffic, fewer bits in the sum).
+    grad_reduce_dtype: str = "fp32"
+    # TF32 tensor cores for fp32 matmuls and convolutions on GPUs (Ampere and later).
+    tf32: bool = True
     # Split each rank's micro batch into K chunks that go through the towers one at a time
     # (activation memory of batch_size / K). The global contrastive batch stays
     # batch_size * world_size either way; see engine/accumulate.py.
@@ -141,6 +147,9 @@ class CheckpointConfig:
     # Save every N steps (0: only at the end) and keep the newest K (0: keep all).
     every: int = 0
     keep: int = 2
+    # Ranks agree on a preemption request (SIGUSR1 or RUN_DIR/preempt.flag) every N steps: one
+    # blocking host round trip each time, so not every step.
+    preempt_poll_every: int = 10
 
 
 @dataclass
@@ -156,6 +165,8 @@ class EvalConfig:
     # Evaluate every N steps (0: only at the end of training).
     every: int = 0
     batch_size: int = 256
+    # DataLoader workers decoding each rank's share of an eval set (0: in the main process).
+    workers: int = 2
     # The k of retrieval recall@k, both directions.
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
     # Render a confusion matrix and a retrieval strip at each eval (wandb, RUN_DIR/eval/).
@@ -200,7 +211,6 @@ class ConfigError(ValueError):
     """An invalid configuration; its message lists every problem on one line."""
 
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
 _LOGGERS = ("wandb", "none")
 
 
@@ -224,6 +234,28 @@ def _accumulation_problems(cfg: Config) -> list[str]:
         problems.append(
             "deepspeed.gradient_accumulation_steps is derived: set train.accum_chunks=K "
             "(train.accum_mode=plain for DeepSpeed's own accumulation)"
+        )
+    return problems
+
+
+def _precision_problems(train: TrainLoopConfig, device: Any) -> list[str]:
+    import torch
+
+    from clipforge.engine import precision
+
+    problems = []
+    if train.precision not in precision.PRECISIONS:
+        problems.append(
+            f"train.precision must be one of {precision.PRECISIONS}, got {train.precision!r}"
+        )
+    elif device is not None:
+        problem = precision.precision_problem(train.precision, torch.device(device))
+        if problem:
+            problems.append(problem)
+    if train.grad_reduce_dtype not in precision.GRAD_REDUCE_DTYPES:
+        problems.append(
+            f"train.grad_reduce_dtype must be one of {precision.GRAD_REDUCE_DTYPES}, "
+            f"got {train.grad_reduce_dtype!r}"
         )
     return problems
 
@@ -280,8 +312,11 @@ def _is_str_list(value: Any) -> bool:
     )
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Raise one ConfigError naming every problem, so a user fixes them all in one go."""
+def validate(cfg: Config, world_size: int = 1, device: Any = None) -> None:
+    """Raise one ConfigError naming every problem, so a user fixes them all in one go.
+
+    `device` (the torch.device training will run on) adds the checks that need it: whether it
+    can compute in train.precision."""
     problems: list[str] = []
     if not cfg.data.synthetic and not cfg.data.train:
         problems.append(
@@ -291,10 +326,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(f"train.steps must be > 0, got {cfg.train.steps}")
     if cfg.train.batch_size <= 0:
         problems.append(f"train.batch_size must be > 0, got {cfg.train.batch_size}")
-    if cfg.train.precision not in _PRECISIONS:
-        problems.append(
-            f"train.precision must be one of {_PRECISIONS}, got {cfg.train.precision!r}"
-        )
+    problems += _precision_problems(cfg.train, device)
     problems += _accumulation_problems(cfg)
     if cfg.logger.kind not in _LOGGERS:
         problems.append(f"logger.kind must be one of {_LOGGERS}, got {cfg.logger.kind!r}")
@@ -306,6 +338,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         problems.append(f"sched.warmup_steps must be >= 0, got {cfg.sched.warmup_steps}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         problems.append("checkpoint.every and checkpoint.keep must be >= 0")
+    if cfg.checkpoint.preempt_poll_every < 1:
+        problems.append("checkpoint.preempt_poll_every must be >= 1")
     if (
         cfg.model.max_logit_scale <= 0
         or math.exp(cfg.model.init_logit_scale) > cfg.model.max_logit_scale

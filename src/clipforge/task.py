@@ -12,8 +12,12 @@ The engine only sees this module, so it stays ignorant of CLIP. The protocol (`T
 - `forward(batch, embed_only=False)`: `loss_from(embed(batch))`, or `embed(batch)` alone. The
   engine calls the task through DeepSpeed's wrapper (hooks, ZeRO-3 gathering), whose forward is
   the only entry point, hence the flag.
-- `compile_model(**kwargs)`: torch.compile what is worth compiling (the towers, never the loss
-  with its collectives), in place so that parameter names and checkpoints stay unchanged.
+- `param_bounds() -> {name: (low, high)}`: parameters the engine clamps into a range after
+  every optimizer step (CLIP's log-temperature), in whatever copies ZeRO keeps of them.
+
+The engine compiles the whole task module (DeepSpeed's `engine.compile()`, after initialize);
+`loss_from` is excluded from tracing, so the towers are compiled and the loss with its
+collectives and host-side checks runs eagerly.
 
 The model returns a dict keyed like the loss's arguments, so the loss can be swapped without
 touching either side.
@@ -38,7 +42,7 @@ class TrainTask(Protocol):
 
     def loss_from(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]: ...
 
-    def compile_model(self, **kwargs: Any) -> None: ...
+    def param_bounds(self) -> dict[str, tuple[float, float]]: ...
 
 
 class ContrastiveTask(nn.Module):
@@ -51,10 +55,14 @@ class ContrastiveTask(nn.Module):
         self.loss = loss
 
     def embed(self, batch: Batch) -> dict[str, Tensor]:
-        # Under bf16/fp16 DeepSpeed casts the weights; the images must follow.
-        dtype = self.model.logit_scale.dtype
-        return self.model(batch["image"].to(dtype), batch["text"])
+        return self.model(batch["image"].to(self.compute_dtype), batch["text"])
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # Under bf16/fp16 DeepSpeed casts the weights; the images must follow.
+        return self.model.logit_scale.dtype
+
+    @torch.compiler.disable
     def loss_from(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # The loss runs in fp32 whatever the towers' precision: it is [B, N] small next to the
         # towers, and a bf16 softmax over N logits loses the small negatives' gradients.
@@ -68,13 +76,13 @@ class ContrastiveTask(nn.Module):
         embeddings = self.embed(batch)
         return embeddings if embed_only else self.loss_from(embeddings)
 
-    def compile_model(self, **kwargs: Any) -> None:
-        self.model.compile(**kwargs)
+    def param_bounds(self) -> dict[str, tuple[float, float]]:
+        return {f"model.{k}": v for k, v in self.model.param_bounds().items()}
 
     # Evaluation goes through the task too, so that the engine (which wraps this module, and
     # under ZeRO-3 gathers its partitioned weights) stays the only handle on the parameters.
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(image.to(self.model.logit_scale.dtype))
+        return self.model.encode_image(image.to(self.compute_dtype))
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(text)

@@ -26,11 +26,12 @@ from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.synthetic import SyntheticLoader
 from clipforge.data.tokenizer import Tokenizer
 from clipforge.data.transforms import eval_transform, train_transform
-from clipforge.engine import dist
+from clipforge.engine import dist, precision
 from clipforge.eval import suite
 from clipforge.logging import Throughput, build_logger, memory_stats, print0, setup_console
 from clipforge.loss import ContrastiveLoss
 from clipforge.model import build_model
+from clipforge.model.clip import vocab_problem
 from clipforge.preempt import Preemption
 from clipforge.task import ContrastiveTask
 
@@ -100,9 +101,9 @@ def save(engine, loader, cfg: Config, info: dist.DistInfo, step: int) -> str:
     return tag
 
 
-def export(engine, cfg: Config, info: dist.DistInfo, step: int, tag: str) -> None:
+def export(engine, cfg: Config, info: dist.DistInfo, step: int) -> None:
+    sd = engine.fp32_state_dict()  # every rank: ZeRO assembles the master weights collectively
     if info.is_main:
-        sd = engine.fp32_state_dict(ckpt.ckpt_dir(cfg.run_dir), tag)
         path = ckpt.export_weights(Path(cfg.run_dir), sd, step)
         print0(f"exported fp32 weights to {path}")
     dist.barrier()
@@ -185,7 +186,7 @@ def train_loop(
                 f"{rates['samples_per_s']:.1f} samples/s"
             )
             last_logged = step
-        if step < cfg.train.steps and preempt.requested():
+        if step < cfg.train.steps and preempt.requested(step):
             tag = save(engine, loader, cfg, info, step)
             print0(f"preempted: saved {tag} at step {step}; resume=latest continues from it")
             return step, True
@@ -200,7 +201,8 @@ def run(raw: DictConfig) -> None:
     info = dist.setup()
     setup_console(info.is_main)
     cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
-    validate(cfg, info.world_size)
+    validate(cfg, info.world_size, info.device)
+    cfg.train.precision = precision.resolve(cfg.train.precision, info.device)
     run_dir = Path(cfg.run_dir)
     if ckpt.list_tags(run_dir) and not cfg.resume:
         raise ConfigError(
@@ -213,15 +215,19 @@ def run(raw: DictConfig) -> None:
     dist.barrier()
     tokenizer = build_tokenizer(cfg, shards, run_dir, info.is_main)
     vocab = tokenizer.vocab_size if tokenizer is not None else None
+    problem = vocab_problem(cfg.model.text.vocab_size, vocab)
+    if problem:  # before any weight exists: out-of-range ids are a device-side assert on GPU
+        raise ConfigError(problem)
     # The same initial weights on every rank (ZeRO-3 partitions each rank's own copy) and in
     # every run of this seed; then a per-rank stream, so ranks draw different dropout masks.
     ckpt.seed_all(cfg.train.seed)
-    model = build_model(cfg.model, vocab_size=cfg.model.text.vocab_size or vocab)
+    model = build_model(cfg.model, vocab_size=vocab)
     engine = dist_engine(ContrastiveTask(model, ContrastiveLoss()), cfg, info)
     ckpt.seed_all(cfg.train.seed + 1 + info.rank)
     print0(
         f"world_size={info.world_size} ranks_per_node={info.local_world_size} "
         f"nodes={info.nodes} zero_stage={engine.zero_stage} backend={info.backend} "
+        f"precision={engine.precision} "
         f"params={sum(p.numel() for p in model.parameters()):,}"
     )
     loader = build_loader(cfg, shards, tokenizer, info)
@@ -229,13 +235,13 @@ def run(raw: DictConfig) -> None:
     logger = build_logger(
         cfg.logger, run_dir, info.is_main, OmegaConf.to_container(raw, resolve=True)
     )
-    preempt = Preemption(run_dir, info.is_main)
+    preempt = Preemption(run_dir, info.is_main, cfg.checkpoint.preempt_poll_every)
     dist.barrier()
     try:
         step, preempted = train_loop(engine, loader, logger, cfg, info, tokenizer, step, preempt)
         if not preempted:
-            tag = save(engine, loader, cfg, info, step)
-            export(engine, cfg, info, step, tag)
+            save(engine, loader, cfg, info, step)
+            export(engine, cfg, info, step)
             maybe_eval(engine, tokenizer, cfg, info, logger, step, final=True)
     finally:
         logger.close()
@@ -248,7 +254,7 @@ def dist_engine(task, cfg: Config, info: dist.DistInfo):
     return Engine(task, cfg, info)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://clipforge.conf", config_name="train")
 def _hydra_main(raw: DictConfig) -> None:
     try:
         run(raw)

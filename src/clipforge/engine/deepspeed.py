@@ -8,6 +8,12 @@ typed config, on top of the plain DeepSpeed dict from conf/deepspeed/ (ZeRO stag
 Accumulation (train.accum_chunks=K, engine/accumulate.py): each rank's micro batch is split
 into K chunks. DeepSpeed sees K micro-steps of batch_size/K per optimizer step
 (gradient_accumulation_steps=K), so its train_batch_size stays batch_size * world_size.
+
+Setup, in this order (Engine.__init__): precision and matmul policy (engine/precision.py) ->
+task onto the device -> deepspeed.initialize (casts, partitions, installs ZeRO hooks) ->
+weights-only checkpoint loading -> torch.compile of the wrapped module (DeepSpeed's
+`engine.compile()`: compiling before initialize would have dynamo trace ZeRO-3's partitioning
+hooks as plain code) -> parameter bounds applied once.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from clipforge.config import Config
+from clipforge.engine import precision as prec
 from clipforge.engine.accumulate import gradcache_step, plain_step, split_batch
 from clipforge.engine.dist import DistInfo
 from clipforge.engine.optim import build_optimizer, scheduler_factory
@@ -35,6 +42,11 @@ from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
+from deepspeed.utils import (  # noqa: E402
+    safe_get_full_fp32_param,
+    safe_get_local_fp32_param,
+    safe_set_local_fp32_param,
+)
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 ds_logger.setLevel(logging.WARNING)
@@ -45,9 +57,34 @@ ds_logger.setLevel(logging.WARNING)
 _DS_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+# ZeRO knobs whose best value depends on the device, used where conf/deepspeed/ or the command
+# line set none. On GPUs gradient reduction overlaps the backward on a side stream, in buckets
+# of 5e8 elements (DeepSpeed's size, about 1 GB of bf16 each way); on CPU there are no streams
+# to overlap on, and gloo moves smaller buckets with less memory held.
+_ZERO_DEFAULTS = {
+    "cuda": {
+        "overlap_comm": True,
+        "reduce_bucket_size": int(5e8),
+        "allgather_bucket_size": int(5e8),
+    },
+    "cpu": {
+        "overlap_comm": False,
+        "reduce_bucket_size": int(5e7),
+        "allgather_bucket_size": int(5e7),
+    },
+}
+
+
+def build_ds_config(
+    cfg: Config, world_size: int, device: torch.device | None = None
+) -> dict[str, Any]:
     """The DeepSpeed dict: conf/deepspeed/<stage>.yaml plus what the typed config decides."""
+    device = device or torch.device("cpu")
     ds = copy.deepcopy(dict(cfg.deepspeed))
+    zero = ds["zero_optimization"] = dict(ds.get("zero_optimization", {}))
+    if zero.get("stage", 0) > 0:
+        for key, value in _ZERO_DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+            zero.setdefault(key, value)
     chunks = cfg.train.accum_chunks
     # config.validate rejects a gradient_accumulation_steps in the dict: it is derived here.
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size // chunks
@@ -56,11 +93,15 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     # 0 turns clipping off; infinity does the same but still has DeepSpeed compute the global
     # norm, which the logs and the divergence check need.
     ds["gradient_clipping"] = cfg.train.grad_clip or math.inf
-    # train.precision decides what is enabled; other knobs of these sections (fp16's
-    # initial_scale_power, loss_scale_window, ...) pass through from the DeepSpeed dict.
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    # train.precision decides what is enabled (and the gradient-reduction dtype); other knobs
+    # of these sections (fp16's initial_scale_power, loss_scale_window, ...) pass through.
+    entries = prec.ds_precision(
+        prec.resolve(cfg.train.precision, device), cfg.train.grad_reduce_dtype
+    )
+    ds["bf16"] = {**ds.get("bf16", {}), **entries.pop("bf16")}  # type: ignore[dict-item]
     # loss_scale 0 selects the dynamic loss scale, which fp16 needs to avoid underflow.
-    ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), "enabled": cfg.train.precision == "fp16"}
+    ds["fp16"] = {"loss_scale": 0, **ds.get("fp16", {}), **entries.pop("fp16")}  # type: ignore[dict-item]
+    ds.update(entries)
     # Our AdamW is torch's: ZeRO accepts it once told that a client optimizer is intended.
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
@@ -91,11 +132,13 @@ class Engine:
         self.cfg = cfg
         self.device = dist_info.device
         self.chunks = cfg.train.accum_chunks
-        self.ds_config = build_ds_config(cfg, dist_info.world_size)
+        self.precision = prec.resolve(cfg.train.precision, self.device)
+        problem = prec.precision_problem(self.precision, self.device)
+        if problem:  # train.run validates first; this guards direct users of the engine
+            raise ValueError(problem)
+        prec.setup_matmul(self.device, cfg.train.tf32)
+        self.ds_config = build_ds_config(cfg, dist_info.world_size, self.device)
         task = task.to(self.device)
-        if cfg.train.compile:
-            # In place (nn.Module.compile): parameter names, hence checkpoints, stay the same.
-            task.compile_model(dynamic=False)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=task,
             optimizer=build_optimizer(task, cfg.optim),
@@ -105,13 +148,20 @@ class Engine:
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
         self.zero_stage = self.ds.zero_optimization_stage()
+        if cfg.train.compile:
+            # After initialize, as DeepSpeed supports it; compiles the task module in place
+            # (parameter names, hence checkpoints, stay the same). The task keeps its loss out
+            # of the traced graph (task.py).
+            self.ds.compile(compile_kwargs={"dynamic": False})
+        self._bounds = self._bounded_params(task)
+        self._apply_bounds()
         if self.zero_stage == 0 and dist_info.world_size == 1:
             # Alone, DeepSpeed still flattens every gradient, "all-reduces" it and copies it
             # back: ~10% of a small model's CPU step, for nothing. (ZeRO 1-3 keep their path:
             # it also moves gradients into their partitions.)
             self.ds.enable_backward_allreduce = False
         self._fp32_grad_norm: torch.Tensor | None = None
-        if self.zero_stage == 0 and cfg.train.precision == "fp32":
+        if self.zero_stage == 0 and self.precision == "fp32":
             # This is the one path where DeepSpeed clips but throws the norm away.
             self.ds.clip_fp32_gradients = self._clip_fp32_gradients
 
@@ -150,7 +200,50 @@ class Engine:
             loss, metrics = plain_step(
                 split_batch(batch, self.chunks), self.ds, self._backward_and_step
             )
+        self._apply_bounds()
         return {"lr": lr, **self._report(loss, metrics)}
+
+    # -- parameter bounds (CLIP's temperature cap) ---------------------------------------------
+    def _bounded_params(self, task: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
+        bounds = getattr(task, "param_bounds", dict)()
+        params = dict(self.module.named_parameters())
+        missing = sorted(set(bounds) - set(params))
+        if missing:
+            raise ValueError(f"param_bounds names unknown parameters: {missing}")
+        return [(params[name], lo, hi) for name, (lo, hi) in bounds.items()]
+
+    @torch.no_grad()
+    def _apply_bounds(self) -> None:
+        """Clamp the bounded parameters in every copy this rank holds: the module's (full under
+        ZeRO 0-2, this rank's partition under ZeRO-3) and the optimizer's fp32 master (whole,
+        a fragment of this rank's flat partition, or a ZeRO-3 partition). A clamp is
+        elementwise, so clamping each local piece is clamping the whole: no collective, and
+        the forward sees the bound value at once, not after the next step."""
+        for p, lo, hi in self._bounds:
+            # ZeRO-3 keeps small parameters gathered between steps ("persistent"): both the
+            # gathered data and the partition are the module's copies then.
+            for lp in (p, getattr(p, "ds_tensor", None)):
+                if lp is not None and lp.numel():
+                    lp.data.clamp_(lo, hi)
+            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's fp32 partition, through DeepSpeed
+                master = safe_get_local_fp32_param(p)
+                if master is not None:
+                    safe_set_local_fp32_param(p, master.clamp(lo, hi))
+                continue
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:  # ZeRO-1/2, bf16 optimizer: a view into the flat partition
+                mapping.hp_fragment.clamp_(lo, hi)
+            elif id(p) in self._stage0_masters():
+                self._stage0_masters()[id(p)].clamp_(lo, hi)
+
+    def _stage0_masters(self) -> dict[int, torch.Tensor]:
+        """ZeRO-0 in fp16/bf16: DeepSpeed's (unfused) fp16 optimizer keeps one fp32 clone per
+        parameter; {id(module parameter): its clone}. Empty in fp32 (no separate master)."""
+        groups = getattr(self.optimizer, "fp16_groups", None)
+        masters = getattr(self.optimizer, "fp32_groups", None)
+        if not groups or not masters or self.zero_stage != 0:
+            return {}
+        return {id(lp): hp for lg, hg in zip(groups, masters) for lp, hp in zip(lg, hg)}
 
     def _gradcache(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return gradcache_step(
@@ -175,7 +268,7 @@ class Engine:
             grad_norm = self._fp32_grad_norm
         if grad_norm is not None and self.ds.was_step_applied():
             out["grad_norm"] = float(grad_norm)
-        elif self.cfg.train.precision == "fp16":
+        elif self.precision == "fp16":
             out["skipped_step"] = 1.0
         out.update({k: float(v) for k, v in metrics.items()})
         return out
@@ -198,21 +291,40 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag or 'latest'} in {ckpt_dir}")
         return client_state or {}
 
-    def fp32_state_dict(self, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-        """Full fp32 weights: from the ZeRO partitions (stages 1-3 hold the fp32 master copy
-        in the optimizer), or the module itself for stage 0.
+    @torch.no_grad()
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 master weights (and buffers), on the CPU; call on EVERY rank (ZeRO
+        1-3 assemble partitions with collectives), the result is the same on all.
 
-        DeepSpeed's zero_to_fp32 reads the partitions with torch.load(weights_only=False); it
-        only ever reads the tag this run has just written (train.py's export), never a
-        checkpoint from elsewhere."""
-        if self.zero_stage == 0:
-            sd = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        Master, not module: under bf16/fp16 the module holds rounded copies (every weight with
+        its low 16 bits zero), the optimizer the fp32 values it updates. Per parameter:
+        ZeRO-1/2/3 and the bf16 optimizer through DeepSpeed's `safe_get_full_fp32_param`, ZeRO-0
+        in half precision from the fp16 optimizer's clones, ZeRO-0 fp32 from the module (it is
+        the master). Buffers (BatchNorm statistics) exist only in the module.
+        """
+        masters = self._stage0_masters()
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}  # tied parameters are assembled once
+        for name, value in self.module.state_dict(keep_vars=True).items():
+            if not isinstance(value, nn.Parameter):
+                out[name] = value.detach().cpu().clone()
+                if out[name].is_floating_point():
+                    out[name] = out[name].float()
+                continue
+            if id(value) not in seen:
+                seen[id(value)] = self._full_master(value, masters)
+            out[name] = seen[id(value)]
+        return out
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-            sd = {k: v.float().contiguous() for k, v in sd.items()}
-        return sd
+    def _full_master(self, p: nn.Parameter, masters: dict[int, torch.Tensor]) -> torch.Tensor:
+        shape = p.ds_shape if hasattr(p, "ds_id") else p.shape
+        full = safe_get_full_fp32_param(p)  # None: no DeepSpeed master for this parameter
+        if full is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 parameter: gather its data
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.detach().clone()
+        if full is None:
+            full = masters.get(id(p), p)
+        return full.detach().float().cpu().clone().reshape(shape)
 
 
 def remove_checkpoint(ckpt_dir: Path, tag: str) -> None:

@@ -5,11 +5,17 @@ The forward returns the loss's arguments by name (model -> loss contract in ARCH
 `logit_scale` the multiplier for the cosine similarities (not its logarithm). Nothing here
 knows about processes or DeepSpeed: the same module runs on a laptop and under ZeRO-3.
 
+Precision (engine/precision.py): the towers run in whatever dtype their weights have; the
+normalization and the temperature are computed in float32, so the loss gets float32 inputs
+from a bf16 model too.
+
     PYTHONPATH=src python -c "from clipforge.config import ModelConfig; \
 from clipforge.model import build_model; print(build_model(ModelConfig(), vocab_size=49408))"
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +52,25 @@ class CLIP(nn.Module):
     def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Images [B, 3, H, W] -> embeddings [B, embed_dim], unit-norm unless normalize=False."""
         features = self.visual(image)
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Token ids [B, L] -> embeddings [B, embed_dim], unit-norm unless normalize=False."""
         features = self.text(text)
-        return F.normalize(features, dim=-1) if normalize else features
+        return F.normalize(features.float(), dim=-1) if normalize else features
 
     def scale(self) -> torch.Tensor:
-        """The temperature multiplier exp(logit_scale), capped at max_logit_scale; shape [1]."""
-        # The cap is applied here, in the forward, rather than by clamping the parameter in
-        # place after each step (open_clip's way): under ZeRO-3 the parameter is partitioned
-        # across ranks outside the forward, so an in-place clamp would not see its data.
-        # Past the cap the gradient to logit_scale is zero, so the scale simply stays at it.
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """The temperature multiplier exp(logit_scale) in float32; shape [1]."""
+        # No clamp here: a clamp in the forward has zero gradient past the cap, so Adam's
+        # momentum carries the raw parameter further up and nothing ever brings it back. The
+        # cap is a bound on the parameter instead (`param_bounds`), applied by the engine after
+        # each optimizer step, as open_clip clamps after its step; the gradient stays live.
+        return self.logit_scale.float().exp()
+
+    def param_bounds(self) -> dict[str, tuple[float, float]]:
+        """Parameters kept inside [low, high] after every optimizer step: the log-scale in
+        [0, log(max_logit_scale)], so the multiplier stays in [1, max_logit_scale]."""
+        return {"logit_scale": (0.0, math.log(self.max_logit_scale))}
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images and token ids -> {"image_features", "text_features", "logit_scale"}."""
@@ -70,20 +81,33 @@ class CLIP(nn.Module):
         }
 
 
+def vocab_problem(configured: int, tokenizer_vocab: int | None) -> str | None:
+    """Why a text tower of `configured` rows (0: take the tokenizer's) cannot embed the ids of a
+    tokenizer of `tokenizer_vocab` pieces; None when it can."""
+    if not configured and not tokenizer_vocab:
+        return (
+            "model.text.vocab_size is 0 and no tokenizer gives one: set model.text.vocab_size "
+            "or train with a tokenizer"
+        )
+    if configured and tokenizer_vocab and tokenizer_vocab > configured:
+        # Ids up to tokenizer_vocab - 1 would index past the embedding table: silent garbage
+        # on CPU, a device-side assert on GPU.
+        return (
+            f"the tokenizer has {tokenizer_vocab} pieces but model.text.vocab_size is "
+            f"{configured}: set model.text.vocab_size={tokenizer_vocab} (or 0, to take the "
+            "tokenizer's)"
+        )
+    return None
+
+
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
-    """Build CLIP from its config; vocab_size (from the tokenizer) fills cfg.text.vocab_size=0."""
+    """Build CLIP from its config. `vocab_size` is the tokenizer's: it fills
+    cfg.text.vocab_size=0, and a tokenizer larger than a configured vocabulary is refused."""
     text_cfg = cfg.text
+    problem = vocab_problem(text_cfg.vocab_size, vocab_size)
+    if problem:
+        raise ValueError(problem)
     vocab = text_cfg.vocab_size or vocab_size
-    if not vocab:
-        raise ValueError(
-            "model.text.vocab_size is 0 and no vocab_size was given: pass the tokenizer's "
-            "vocabulary size to build_model or set model.text.vocab_size"
-        )
-    if vocab_size and vocab_size > vocab:
-        # Token ids up to vocab_size - 1 would index past the embedding table.
-        raise ValueError(
-            f"tokenizer vocabulary ({vocab_size}) is larger than model.text.vocab_size ({vocab})"
-        )
     visual = build_image_tower(cfg.image, cfg.embed_dim)
     text = TextTower(
         vocab_size=vocab,
