@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clipforge.config import Config, ConfigError, register, validate
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
 
 def load_config(overrides: list[str]) -> Config:
     register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    # The configs the trainer composes: the clipforge.conf package (conf/ in the repository).
+    with initialize_config_module(config_module="clipforge.conf", version_base="1.3"):
         raw = compose(config_name="train", overrides=overrides)
     return OmegaConf.to_object(raw)  # type: ignore[return-value]
 

@@ -1,0 +1,97 @@
+"""The package as users get it: a wheel, installed away from the source tree, configs inside.
+
+    .venv/bin/python -m pytest tests/test_packaging.py -q
+
+The wheel is built from this checkout and installed with `pip install --target` into a
+temporary folder; every command then runs from another temporary folder with only that folder
+on PYTHONPATH (dependencies come from the test environment), so nothing can reach the
+repository's src/ or conf/.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = [
+    "clipforge-train",
+    "clipforge-check",
+    "clipforge-eval",
+    "clipforge-predict",
+    "clipforge-embed",
+    "clipforge-export",
+    "clipforge-convert",
+    "clipforge-tokenizer",
+    "clipforge-inspect",
+    "clipforge-merge-manifests",
+]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the wheel was installed into (its bin/ holds the console scripts)."""
+    dist, target = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("site")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("clipforge-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "clipforge/conf/train.yaml" in names and "clipforge/conf/model/tiny.yaml" in names
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    return target
+
+
+def _run(installed: Path, cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(installed), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_wheel_is_imported_not_the_source_tree(installed: Path, tmp_path: Path) -> None:
+    proc = _run(
+        installed,
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import clipforge, clipforge.conf, data_tools; "
+        "print(clipforge.__file__, clipforge.conf.__file__, data_tools.__file__)",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(p.startswith(str(installed)) for p in proc.stdout.split()), proc.stdout
+
+
+def test_train_two_steps_from_another_folder(installed: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _run(
+        installed,
+        tmp_path,
+        str(installed / "bin" / "clipforge-train"),
+        "experiment=smoke_cpu",
+        "train.steps=2",
+        "checkpoint.every=0",
+        f"run_dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step 2/2" in proc.stdout
+    assert (run_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_console_script_runs_from_another_folder(
+    installed: Path, tmp_path: Path, script: str
+) -> None:
+    proc = _run(installed, tmp_path, str(installed / "bin" / script), "--help", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip()
+    assert "Traceback" not in proc.stderr
