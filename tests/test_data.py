@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from clipforge.config import AugmentConfig
-from clipforge.data.pipeline import EvalLoader, TrainLoader, iter_shard
+from clipforge.data.eval_loader import EvalLoader
+from clipforge.data.pipeline import TrainLoader, iter_shard
 from clipforge.data.shards import SourceError, resolve
 from clipforge.data.transforms import eval_transform, train_transform
 from data_tools import convert

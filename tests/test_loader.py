@@ -371,3 +371,22 @@ def test_uneven_stream_positions_map_back_to_shards(shards):
     assert sum(e - f for _, f, e, _ in pieces) == 60
     assert sorted(p for p, *_ in pieces) == list(range(5))
     assert np.all(np.diff([x for *_, x in pieces]) > 0)
+
+
+class _SeesParentState:
+    """A transform that writes into the image whether the worker sees a marker the parent set
+    on the pipeline module after start-up (defined here, at module level: it must pickle)."""
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.full((3, 4, 4), float(hasattr(pipeline, "clipforge_test_marker")))
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_workers_do_not_inherit_the_trainers_state(shards, mode, monkeypatch):
+    """Workers start from a forkserver: a forked one would inherit the trainer's NCCL,
+    DeepSpeed and wandb threads (their locks held or not) and, here, the marker."""
+    monkeypatch.setattr(pipeline, "clipforge_test_marker", True, raising=False)
+    loader = make(shards, workers=2, batch=4, mode=mode, transform=_SeesParentState())
+    batches = [b for _, b in zip(range(4), loader)]
+    assert len(batches) == 4
+    assert all(float(b["image"].max()) == 0.0 for b in batches), "a worker saw the parent's state"

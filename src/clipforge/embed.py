@@ -21,15 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from clipforge.data.pipeline import EvalLoader
+from clipforge.data.eval_loader import EvalLoader
 from clipforge.data.shards import SourceError, resolve
 from clipforge.eval import retrieval
 from clipforge.eval.exported import ExportedRun, on_ranks
 
 
-def embed_images(run: ExportedRun, source: str, batch_size: int, rank: int, world: int):
+def embed_images(
+    run: ExportedRun, source: str, batch_size: int, rank: int, world: int, workers: int = 2
+):
     sset = resolve(source)
-    loader = EvalLoader(sset, run.encoders().transform, batch_size, rank, world)
+    loader = EvalLoader(sset, run.encoders().transform, batch_size, rank, world, workers)
     emb = retrieval.embed_images(run.encode_image, loader, rank, world)
     return emb.keys, emb.features, None
 
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="FILE.npy or FILE.parquet")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes per rank")
     return p
 
 
@@ -82,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out must end in .npy or .parquet, got {args.out}", file=sys.stderr)
         return 2
     fn = embed_images if args.kind == "image" else embed_texts
+    kw = {"workers": args.workers} if args.kind == "image" else {}
     done = on_ranks(
         args.checkpoint,
         args.device,
-        lambda run, rank, world: fn(run, args.input, args.batch_size, rank, world),
+        lambda run, rank, world: fn(run, args.input, args.batch_size, rank, world, **kw),
     )
     if done is None:
         return 2

@@ -1,5 +1,6 @@
-"""Training and eval loaders over WebDataset shards (any fsspec URL or `pipe:`), with an exact,
-cheap resume and every rank stepping the same number of times.
+"""The training loader over WebDataset shards (any fsspec URL or `pipe:`), with an exact, cheap
+resume and every rank stepping the same number of times; what the eval loader (eval_loader.py)
+shares with it: one sample's decoding and the start method of DataLoader workers.
 
     python -m clipforge.data.pipeline SHARDS --mode epoch --world 2 --batches 20   # samples/s
 
@@ -44,6 +45,9 @@ trainer as `data_errors`). Once a worker has read at least 100 samples, or at th
 epoch, a failed fraction above `max_error_rate` stops the run naming the worst shard. A sample
 without a caption counts as failed (a torn shard); when a worker's first 8 samples all lack one
 the run stops at once: image-only shards cannot train a contrastive model.
+
+Workers (`data.workers`) start from a forkserver, not by fork (worker_context says why), so
+what a worker needs, the StreamSpec with its transform and tokenizer, must pickle.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ import argparse
 import io
 import json
 import logging
+import multiprocessing
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -79,7 +85,7 @@ from clipforge.data.plan import (
 from clipforge.data.shards import ShardSet, SourceError, draw_weights
 from clipforge.data.tario import ShardReadError, iter_samples
 
-__all__ = ["EvalLoader", "IMAGE_EXTS", "TrainLoader", "count_samples", "iter_shard", "seed_for"]
+__all__ = ["IMAGE_EXTS", "TrainLoader", "iter_shard", "seed_for", "worker_context"]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MODES = ("resampled", "epoch")
@@ -87,7 +93,37 @@ MODES = ("resampled", "epoch")
 MIN_SAMPLES_FOR_RATE = 100
 # A worker whose first samples all lack a caption reads image-only shards: say so at once.
 IMAGE_ONLY_AFTER = 8
+# What DataLoader workers unpickle (loaders, transforms, tokenizer): imported once in the
+# forkserver, which each worker is forked from, rather than once per worker.
+WORKER_PRELOAD = [
+    "clipforge.data.pipeline",
+    "clipforge.data.eval_loader",
+    "clipforge.data.transforms",
+    "clipforge.data.tokenizer",
+]
 _log = logging.getLogger("clipforge.data")
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of every loader's DataLoader workers: forkserver, not fork.
+
+    By the time the trainer iterates a loader, NCCL, DeepSpeed and wandb have started threads;
+    a fork copies their locks in whatever state they are (held ones are never released in the
+    child) and the parent's CUDA state, which a child cannot use. A forkserver is a clean
+    process, started once with WORKER_PRELOAD imported, that forks each worker cheaply; the
+    worker gets the dataset (spec, transform, tokenizer) pickled, so those must pickle.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    # Each worker re-runs the parent's main module, as under spawn (`python -m clipforge.train`:
+    # 10 s of imports, deepspeed's among them). With every clipforge module the parent has
+    # imported already in the server, that re-run finds its imports cached. Not the main module
+    # itself: runpy warns when the module it runs is imported already.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    ours = {m for m in sys.modules if m.startswith("clipforge.")}
+    preload = sorted({*WORKER_PRELOAD, *ours} - {getattr(spec, "name", None)})
+    # Read only when the server starts (the first workers of this process); harmless after.
+    ctx.set_forkserver_preload(["__main__", *preload])
+    return ctx
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
@@ -300,7 +336,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.
 # -- the worker side -----------------------------------------------------------------------------
 @dataclass
 class StreamSpec:
-    """Everything a worker needs; inherited by the forked DataLoader workers."""
+    """Everything a worker needs; pickled to each DataLoader worker (see worker_context)."""
 
     shards: ShardSet
     transform: Callable
@@ -599,7 +635,7 @@ class TrainLoader:
             num_workers=self.workers,
             persistent_workers=False,
             prefetch_factor=2 if self.workers else None,
-            multiprocessing_context="fork" if self.workers else None,
+            multiprocessing_context=worker_context() if self.workers else None,
             pin_memory=torch.cuda.is_available(),
         )
         for batch in loader:
@@ -625,64 +661,11 @@ def _check_epoch(shards: ShardSet, weights: list[float] | None, geo: Geometry) -
         )
 
 
-# -- eval ----------------------------------------------------------------------------------------
-def _eval_samples(shards: ShardSet) -> Iterator[dict[str, Any]]:
-    for url in shards.urls:
-        yield from iter_samples(url)
-
-
-def count_samples(shards: ShardSet) -> int:
-    if shards.samples is not None:
-        return shards.samples
-    return sum(1 for _ in _eval_samples(shards))
-
-
-class EvalLoader:
-    """Each sample once, in shard order; rank r takes batches r, r+W, ... . Every rank yields the
-    same number of batches (ZeRO-3 needs every rank in every forward): a rank short of one gets
-    a copy of its previous batch marked `pad`, whose results the caller drops."""
-
-    def __init__(
-        self, shards: ShardSet, transform: Callable, batch_size: int, rank: int = 0, world: int = 1
-    ):
-        self.shards, self.transform, self.batch_size = shards, transform, batch_size
-        self.rank, self.world = rank, world
-        n = count_samples(shards)
-        self.num_batches = -(-n // batch_size)
-        self.per_rank = -(-self.num_batches // world)
-
-    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            "image": torch.stack([self.transform(_image(s)) for s in samples]),
-            "key": [s["__key__"] for s in samples],
-            "caption": [_caption(s, random.Random(0)) or "" for s in samples],
-        }
-        if all("cls" in s for s in samples):
-            batch["cls"] = torch.tensor([int(s["cls"]) for s in samples])
-        return batch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        yielded, last, chunk, index = 0, None, [], 0
-        for sample in _eval_samples(self.shards):
-            chunk.append(sample)
-            if len(chunk) == self.batch_size:
-                if index % self.world == self.rank:
-                    last = self._collate(chunk)
-                    yielded += 1
-                    yield {**last, "pad": False}
-                chunk, index = [], index + 1
-        if chunk and index % self.world == self.rank:
-            last = self._collate(chunk)
-            yielded += 1
-            yield {**last, "pad": False}
-        while yielded < self.per_rank:
-            if last is None:  # more ranks than batches: any real batch will do as padding
-                last = self._collate([next(_eval_samples(self.shards))])
-            yielded += 1
-            yield {**last, "pad": True}
-
-
 # -- a quick throughput check --------------------------------------------------------------------
+def _untokenized(texts: list[str]) -> list[str]:
+    return texts  # module-level, so that it pickles to the forkserver's workers
+
+
 def _main() -> None:
     from clipforge.config import AugmentConfig
     from clipforge.data.shards import resolve
@@ -700,7 +683,7 @@ def _main() -> None:
     loader = TrainLoader(
         resolve(a.source),
         train_transform(a.size, AugmentConfig()),
-        lambda texts: texts,
+        _untokenized,
         a.batch,
         0,
         0,

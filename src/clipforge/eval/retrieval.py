@@ -7,9 +7,10 @@ query:
   - image -> text: a hit at k when ANY of the image's captions is among its k most similar
     captions (COCO's convention: 5 correct answers per image query).
 
-Images are embedded in batches, each rank taking every W-th batch, and captions in chunks
-likewise; the embeddings are gathered and put back in global order, so every rank holds the
-same [N, D] and [M, D] matrices and the same numbers come out with 1 or N processes.
+Images are embedded in batches, each rank reading its own share of the set (data.eval_loader),
+and captions in chunks, each rank taking every W-th; the embeddings are gathered and put back
+in global order, so every rank holds the same [N, D] and [M, D] matrices and the same numbers
+come out with 1 or N processes.
 
     python -m clipforge.eval checkpoint=RUN_DIR eval.retrieval=SHARDS
 """
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipforge.data.pipeline import EvalLoader, iter_shard, json_captions
+from clipforge.data.eval_loader import EvalLoader
+from clipforge.data.pipeline import iter_shard, json_captions
 from clipforge.data.shards import ShardSet
 from clipforge.engine.dist import all_gather_object
 
@@ -71,14 +73,16 @@ def embed_images(
 ) -> ImageEmbeddings:
     """Embed this rank's batches, gather every rank's, and restore the global order.
 
-    EvalLoader hands rank r the global batches r, r+W, r+2W, ...; padding batches (which still
-    run the encoder, for ZeRO-3) are dropped.
+    EvalLoader hands each rank its own share of the set, in no particular order; a batch's
+    `start` (the shard and offset of its first sample) gives its place in the global order.
+    Padding batches (which still run the encoder, for ZeRO-3) are dropped.
     """
-    mine: list[tuple[int, list[str], torch.Tensor, list[list[str]]]] = []
-    for i, batch in enumerate(batches):
+    mine: list[tuple[tuple[int, int], list[str], torch.Tensor, list[list[str]]]] = []
+    for batch in batches:
         feats = F.normalize(encode_image(batch["image"]).float(), dim=-1).cpu()
         if not batch.get("pad"):
-            mine.append((rank + i * world, batch["key"], feats, batch.get("captions", [])))
+            start = tuple(batch["start"])
+            mine.append((start, batch["key"], feats, batch.get("captions", [])))  # type: ignore[arg-type]
     parts = sorted((p for ranks in all_gather_object(mine) for p in ranks), key=lambda p: p[0])  # type: ignore[attr-defined]
     if not parts:
         raise ValueError("retrieval set is empty")

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from clipforge.config import EvalConfig
-from clipforge.data.pipeline import IMAGE_EXTS, EvalLoader, iter_shard
+from clipforge.data.eval_loader import EvalLoader
+from clipforge.data.pipeline import IMAGE_EXTS, iter_shard
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.eval import figures, retrieval, zeroshot
 from clipforge.logging import print0
@@ -132,7 +133,7 @@ def run_zeroshot(
     classifier = zeroshot.build_classifier(
         enc.encode_text, enc.tokenizer, sset.classnames, templates, cfg.batch_size
     )
-    batches = EvalLoader(sset, enc.transform, cfg.batch_size, rank, world)
+    batches = EvalLoader(sset, enc.transform, cfg.batch_size, rank, world, cfg.workers)
     res = zeroshot.evaluate(enc.encode_image, batches, classifier)
     name = name or set_name(source)
     details = {
@@ -158,7 +159,9 @@ def run_retrieval(
     name: str | None = None,
 ) -> SetResult:
     sset = resolve(source)
-    batches = retrieval.CaptionedLoader(sset, enc.transform, cfg.batch_size, rank, world)
+    batches = retrieval.CaptionedLoader(
+        sset, enc.transform, cfg.batch_size, rank, world, cfg.workers
+    )
     metrics, images, text_feats, owner = retrieval.evaluate(
         enc.encode_image,
         enc.encode_text,

@@ -77,7 +77,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """top1, top5 (top-C with fewer classes), mean per-class recall over every rank's samples.
 
-    Padding batches (`pad`: True, see data.pipeline.EvalLoader) still run the encoder, because
+    Padding batches (`pad`: True, see data.eval_loader.EvalLoader) still run the encoder, because
     every rank must join every forward under ZeRO-3, but are not counted.
     """
     n_cls = classifier.shape[1]
