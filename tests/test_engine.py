@@ -231,6 +231,7 @@ def _one_process_worker(rank: int, world: int, ckpt_dir: str) -> dict[str, objec
     for stage, precision in ((0, "bf16"), (0, "fp32")):
         out[f"export {stage}-{precision}"] = _export_worker(rank, world, stage, precision)
     out["policy"] = _policy_worker(rank, world)
+    out["ds_config"] = _ds_config_worker()
     for precision in HALF:
         out[precision] = _precision_worker(rank, world, precision)
     for stage, precision in RESUME_CASES:
@@ -487,6 +488,49 @@ def test_precision_policy_fp32_at_the_loss_and_bf16_tracks_fp32(one_process) -> 
     diffs = [abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])]
     assert max(diffs) < 0.05, (fp32["losses"], bf16["losses"])
     assert fp32["losses"][0] - min(fp32["losses"]) > 0.05, fp32["losses"]
+
+
+def _ds_config_worker() -> dict[str, object]:
+    from clipforge.engine import precision
+    from clipforge.engine.deepspeed import build_ds_config
+
+    # As on an H100 (bf16 present), whatever GPU this machine has, if any.
+    cpu_supports = precision.supports
+    precision.supports = lambda p, d: d.type == "cuda" or cpu_supports(p, d)
+    cfg = engine_cfg(2, precision="auto")
+    return {device: build_ds_config(cfg, 8, torch.device(device)) for device in ("cpu", "cuda")} | {
+        "bf16 compute": build_ds_config(
+            engine_cfg(2, precision="bf16", grad_reduce_dtype="compute"), 8
+        )
+    }
+
+
+@pytest.mark.multiproc
+def test_deepspeed_dict_follows_the_device(one_process) -> None:
+    r = one_process["ds_config"]
+    gpu, cpu = r["cuda"], r["cpu"]
+    # auto: bf16 on a GPU with bf16, fp32 on CPU; gradients reduced in fp32.
+    assert gpu["bf16"]["enabled"] and gpu["communication_data_type"] == "fp32"
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert "communication_data_type" not in cpu
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert cpu["zero_optimization"]["overlap_comm"] is False
+    assert gpu["zero_optimization"]["reduce_bucket_size"] == int(5e8)
+    assert r["bf16 compute"]["communication_data_type"] == "bf16"
+
+
+def test_tf32_for_fp32_matmuls_on_gpus_only() -> None:
+    from clipforge.engine.precision import setup_matmul
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        setup_matmul(torch.device("cpu"), True)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        setup_matmul(torch.device("cuda", 0), True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def _export_worker(rank: int, world: int, stage: int, precision: str) -> dict[str, object]:

@@ -81,12 +81,25 @@ def test_forward_contract(tiny: CLIP) -> None:
     torch.testing.assert_close(F.normalize(unnormalized, dim=-1), out["text_features"])
 
 
-def test_logit_scale_clamped_in_forward() -> None:
+def test_logit_scale_is_bounded_as_a_parameter_not_in_forward() -> None:
     model = build_model(load_cfg("tiny"), vocab_size=VOCAB)
     with torch.no_grad():
-        model.logit_scale.fill_(10.0)
+        model.logit_scale.fill_(5.0)
     image, text = tiny_batch()
-    assert model(image, text)["logit_scale"].item() == pytest.approx(100.0)
+    scale = model(image, text)["logit_scale"]
+    scale.sum().backward()
+    # No clamp in the forward: past the cap the gradient is still there (the engine clamps
+    # the parameter after each step, tests/test_engine.py).
+    assert scale.item() == pytest.approx(math.exp(5.0)) and model.logit_scale.grad.item() > 0
+    assert model.param_bounds() == {"logit_scale": (0.0, pytest.approx(math.log(100.0)))}
+
+
+def test_bf16_towers_give_fp32_features_and_scale() -> None:
+    model = build_model(load_cfg("tiny"), vocab_size=VOCAB).bfloat16()
+    image, text = tiny_batch()
+    out = model(image.bfloat16(), text)
+    assert {k: v.dtype for k, v in out.items()} == dict.fromkeys(out, torch.float32)
+    assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(len(image)))
 
 
 def test_every_parameter_gets_gradient() -> None:
@@ -193,7 +206,7 @@ def test_vocab_size_required() -> None:
     cfg.text.vocab_size = 500
     with torch.device("meta"):
         assert build_model(cfg).text.token_embedding.num_embeddings == 500
-        with pytest.raises(ValueError, match="larger"):
+        with pytest.raises(ValueError, match="501 pieces but model.text.vocab_size is 500"):
             build_model(cfg, vocab_size=501)
 
 

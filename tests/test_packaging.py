@@ -53,9 +53,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(installed: Path, cwd: Path, *cmd: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(installed), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_wheel_is_imported_not_the_source_tree(installed: Path, tmp_path: Path) -> None:

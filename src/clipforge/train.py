@@ -167,10 +167,13 @@ def train_loop(
         t0 = time.perf_counter()
         batch = next(it)
         meter.add(cfg.train.batch_size * info.world_size, time.perf_counter() - t0)
-        metrics = engine.train_step(batch)
+        metrics = engine.train_step(batch, sync=_reads_metrics(cfg, step + 1))
         step += 1
-        # The grad norm is global (the loss is this rank's): a NaN anywhere stops every rank.
-        if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")):
+        # Checked where metrics were read (see _reads_metrics). The grad norm is global (the
+        # loss is this rank's): a NaN anywhere stops every rank.
+        if "loss" in metrics and not all(
+            math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
+        ):
             raise TrainingDiverged(
                 f"loss is {metrics['loss']} (grad norm {metrics.get('grad_norm')}) at a step in "
                 f"({last_logged}, {step}]; last good checkpoint: {last_tag or 'none'}; "
@@ -195,6 +198,15 @@ def train_loop(
         if step < cfg.train.steps:
             maybe_eval(engine, tokenizer, cfg, info, logger, step, final=False)
     return step, False
+
+
+def _reads_metrics(cfg: Config, step: int) -> bool:
+    """Whether step `step` reads its metrics back from the device (a host sync): at logging
+    steps, and before anything is saved (checkpoint and preemption-poll steps, the last step),
+    so that a diverged model is never checkpointed. A NaN in between is caught at the next of
+    these, and the error names the range of steps it happened in."""
+    every = (cfg.train.log_every, cfg.checkpoint.every, cfg.checkpoint.preempt_poll_every)
+    return step >= cfg.train.steps or any(n and step % n == 0 for n in every)
 
 
 def run(raw: DictConfig) -> None:

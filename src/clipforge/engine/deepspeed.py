@@ -182,11 +182,14 @@ class Engine:
         }
 
     # -- training ----------------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any], sync: bool = True) -> dict[str, float]:
         """Forward, backward and one optimizer step over `batch`; returns float metrics.
 
         `grad_norm` is the global norm before clipping; it is left out when fp16's dynamic loss
         scale skipped the step (an overflow there is expected, not a divergence).
+        sync=False returns only the learning rate: reading a metric waits for the device to
+        finish the step, which the training loop does at logging steps only, so that on a
+        GPU the host queues the next step while this one runs.
         """
         self.ds.train()
         batch = self._to_device(batch)
@@ -201,6 +204,8 @@ class Engine:
                 split_batch(batch, self.chunks), self.ds, self._backward_and_step
             )
         self._apply_bounds()
+        if not sync:
+            return {"lr": lr}
         return {"lr": lr, **self._report(loss, metrics)}
 
     # -- parameter bounds (CLIP's temperature cap) ---------------------------------------------
