@@ -78,3 +78,37 @@ def test_precision_is_checked_against_the_device(monkeypatch):
     cfg.train.precision = "auto"  # resolves to what the device has: fp32 on a CPU
     validate(cfg, 1, torch.device("cpu"))
     assert precision.resolve("auto", torch.device("cpu")) == "fp32"
+
+
+def test_deepspeed_and_timm_typos_are_reported_with_the_rest():
+    cfg = _compose(
+        "experiment=smoke_cpu",
+        "+deepspeed.zero_optimization.stag=3",
+        "+deepspeed.train_batch_size=64",
+        "+model.image.timm_kwargs.depthh=3",
+        "train.steps=0",
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "deepspeed.zero_optimization.stag is not a ZeRO option (did you mean stage?)" in msg
+    assert "deepspeed.train_batch_size is derived: set train.batch_size" in msg
+    assert "depthh" in msg and "train.steps" in msg
+
+
+def test_deepspeed_keys_we_pass_on_are_deepspeeds():
+    """The allow-lists name real DeepSpeed settings (read from its sources, not imported)."""
+    import importlib.util
+
+    from clipforge.config import DS_SECTIONS, DS_ZERO_KEYS
+
+    root = Path(importlib.util.find_spec("deepspeed").origin).parent
+    zero = (root / "runtime" / "zero" / "config.py").read_text()
+    for key in DS_ZERO_KEYS:
+        assert f"{key}:" in zero or f'"{key}"' in zero, key
+    sources = "".join(
+        p.read_text() for p in root.rglob("*.py") if "config" in p.name or "constants" in p.name
+    )
+    for key in DS_SECTIONS:
+        assert f'"{key}"' in sources, key

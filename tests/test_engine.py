@@ -59,7 +59,6 @@ def tiny_model_cfg(dropout: bool = False, **kw) -> ModelConfig:
     if dropout:
         timm_kwargs.update(proj_drop_rate=0.2, attn_drop_rate=0.2, drop_path_rate=0.2)
     return ModelConfig(
-        name="test",
         embed_dim=32,
         image=ImageTowerConfig(
             image_size=IMAGE, timm_kwargs=timm_kwargs, patch_dropout=0.5 if dropout else 0.0

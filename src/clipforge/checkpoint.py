@@ -10,8 +10,9 @@
                            saved), so a save cut short by a crash is never resumed from
       model.safetensors    fp32 weights of the newest checkpoint (model only, no optimizer)
 
-Client state saved beside DeepSpeed's shards: step, samples seen, loader position, and the
-RNG states of python, numpy and torch, so a resumed run continues exactly where it stopped.
+Client state saved beside DeepSpeed's shards, per rank: the step, the loader's position
+(which implies the samples seen) and the RNG states of python, numpy and torch, so a resumed
+run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import clipforge
+from clipforge.config import Config
 
 _TAG = re.compile(r"^step_(\d{8})$")
 # Written by rank 0 after every rank has finished writing the tag (train.save's barrier).
@@ -218,12 +220,21 @@ def export_weights(run_dir: Path, state_dict: dict[str, torch.Tensor], step: int
     return path
 
 
-def load_exported(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
-    """Weights and resolved config of a run: safetensors, so nothing is unpickled."""
+def run_config(run_dir: str | Path) -> Config:
+    """RUN_DIR/config.yaml as the typed Config: merged over the schema, so a run saved before a
+    field existed loads with that field's default, and a key the schema lacks is an error."""
+    raw = OmegaConf.load(Path(run_dir) / "config.yaml")
+    if "model" in raw and "name" in raw.model:  # a field of runs saved before 2026-12-01
+        raw.model.pop("name")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # type: ignore[return-value]
+
+
+def load_exported(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """Weights and typed config of a run: safetensors, so nothing is unpickled."""
     run_dir = Path(run_dir)
     path = run_dir / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir}: no model.safetensors (has the run saved a checkpoint?)"
         )
-    return load_file(str(path)), OmegaConf.load(run_dir / "config.yaml")
+    return load_file(str(path)), run_config(run_dir)

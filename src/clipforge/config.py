@@ -49,7 +49,6 @@ class TextTowerConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_b32"
     embed_dim: int = 512
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -260,6 +259,92 @@ def _precision_problems(train: TrainLoopConfig, device: Any) -> list[str]:
     return problems
 
 
+# The DeepSpeed dict (conf/deepspeed/*.yaml, `deepspeed.*` overrides) is DeepSpeed's own schema,
+# which accepts unknown keys silently: a typo such as deepspeed.zero_optimization.stag=3 would
+# compose and be ignored. These are the keys a run may set (tests/test_configs.py checks each
+# against DeepSpeed's config models); the rest of the dict is derived from train.* and optim.*.
+DS_SECTIONS = frozenset(
+    {
+        "zero_optimization", "bf16", "fp16", "communication_data_type", "steps_per_print",
+        "wall_clock_breakdown", "memory_breakdown", "activation_checkpointing", "flops_profiler",
+        "comms_logger", "tensorboard", "wandb", "csv_monitor", "data_types", "checkpoint",
+        "aio", "prescale_gradients", "gradient_predivide_factor", "dump_state", "seq_parallel_communication_data_type",
+    }
+)  # fmt: skip
+DS_ZERO_KEYS = frozenset(
+    {
+        "stage", "overlap_comm", "contiguous_gradients", "reduce_bucket_size",
+        "allgather_bucket_size", "allgather_partitions", "reduce_scatter", "round_robin_gradients",
+        "offload_optimizer", "offload_param", "sub_group_size", "elastic_checkpoint",
+        "load_from_fp32_weights", "ignore_unused_parameters", "use_multi_rank_bucket_allreduce",
+        "stage3_gather_16bit_weights_on_model_save", "stage3_max_live_parameters",
+        "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold", "stage3_model_persistence_threshold",
+        "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
+        "memory_efficient_linear", "cpu_offload", "gather_16bit_weights_on_model_save",
+    }
+)  # fmt: skip
+# Derived in engine/deepspeed.py from the typed config, so never set in the dict.
+DS_DERIVED = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.accum_chunks",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "optim.*",
+    "scheduler": "sched.*",
+}
+
+
+def _deepspeed_problems(ds: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in ds:
+        if key in DS_DERIVED and key != "gradient_accumulation_steps":  # that one: see below
+            problems.append(f"deepspeed.{key} is derived: set {DS_DERIVED[key]}")
+        elif key not in DS_SECTIONS and key not in DS_DERIVED:
+            problems.append(
+                f"deepspeed.{key} is not a DeepSpeed setting clipforge passes on"
+                + _near(key, DS_SECTIONS)
+            )
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return problems + ["deepspeed.zero_optimization must be a mapping"]
+    for key in zero:
+        if key not in DS_ZERO_KEYS:
+            problems.append(
+                f"deepspeed.zero_optimization.{key} is not a ZeRO option" + _near(key, DS_ZERO_KEYS)
+            )
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"deepspeed.zero_optimization.stage must be 0-3, got {stage}")
+    return problems
+
+
+def _near(key: str, known: frozenset[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _image_tower_problems(model: ModelConfig) -> list[str]:
+    """Whether the image tower builds: built on the meta device (no memory, no weights), so a
+    wrong timm_name or a keyword timm does not take (model.image.timm_kwargs) is reported with
+    the rest, before any process starts."""
+    import torch
+
+    from clipforge.model.image_tower import build_image_tower
+
+    try:
+        with torch.device("meta"):
+            build_image_tower(model.image, model.embed_dim)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        return [
+            f"model.image ({model.image.timm_name}, timm_kwargs {dict(model.image.timm_kwargs)}): {msg}"
+        ]
+    return []
+
+
 _DATA_MODES = ("resampled", "epoch")
 
 
@@ -361,9 +446,8 @@ def validate(cfg: Config, world_size: int = 1, device: Any = None) -> None:
     if cfg.data.workers < 0:
         problems.append("data.workers must be >= 0")
     problems += _data_problems(cfg.data)
-    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
-    if zero not in (0, 1, 2, 3):
-        problems.append(f"deepspeed.zero_optimization.stage must be 0-3, got {zero}")
+    problems += _deepspeed_problems(cfg.deepspeed)
+    problems += _image_tower_problems(cfg.model)
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
     problems += eval_problems(cfg.eval)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -238,14 +237,13 @@ def write_open_clip(
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """RUN_DIR/model.safetensors + config.yaml -> open_clip files in out_dir."""
     run_dir = Path(run_dir)
-    state, raw = load_exported(run_dir)
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.model)
-    cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    state, run = load_exported(run_dir)
+    cfg = run.model
     cfg.text.vocab_size = state["text.token_embedding.weight"].shape[0]
-    aug = OmegaConf.to_container(raw.data.augment) if "data" in raw else {}
+    aug = run.data.augment
     eos = default_eos_id(run_dir, cfg.text.vocab_size)
     out = Path(out_dir) if out_dir else run_dir / "open_clip"
-    return write_open_clip(out, state, cfg, eos, aug.get("mean"), aug.get("std"))
+    return write_open_clip(out, state, cfg, eos, list(aug.mean), list(aug.std))
 
 
 def main(argv: list[str] | None = None) -> int:

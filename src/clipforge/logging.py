@@ -35,9 +35,6 @@ class NullLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
-    def log_summary(self, metrics: dict[str, Any]) -> None:
-        pass
-
     def log_images(self, step: int, images: dict[str, Any]) -> None:
         """PIL images by name (eval figures)."""
 
@@ -71,11 +68,6 @@ class JsonlLogger(NullLogger):
             import wandb
 
             self._wandb.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
-
-    def log_summary(self, metrics: dict[str, Any]) -> None:
-        self.log(metrics.pop("step", -1), metrics)
-        if self._wandb is not None:
-            self._wandb.summary.update(metrics)
 
     def close(self) -> None:
         self._f.close()

@@ -22,7 +22,6 @@ import copy
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +330,3 @@ class Engine:
             full = masters.get(id(p), p)
         return full.detach().float().cpu().clone().reshape(shape)
 
-
-def remove_checkpoint(ckpt_dir: Path, tag: str) -> None:
-    shutil.rmtree(Path(ckpt_dir) / tag, ignore_errors=True)

@@ -23,6 +23,7 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clipforge.checkpoint import run_config
 from clipforge.config import EvalConfig, eval_problems
 from clipforge.eval import suite
 from clipforge.eval.exported import on_ranks
@@ -47,9 +48,9 @@ def parse(argv: list[str]) -> EvalArgs:
     schema = OmegaConf.structured(EvalArgs)
     merged = OmegaConf.merge(schema, cli)
     run_cfg = Path(merged.checkpoint) / "config.yaml"
-    if run_cfg.is_file():  # the run's eval section under the command line's
-        run_eval = OmegaConf.load(run_cfg).get("eval") or {}
-        merged = OmegaConf.merge(schema, {"eval": run_eval}, cli)
+    if run_cfg.is_file():  # the run's eval section (typed) under the command line's
+        run_eval = run_config(merged.checkpoint).eval
+        merged = OmegaConf.merge(schema, {"eval": OmegaConf.structured(run_eval)}, cli)
     args: EvalArgs = OmegaConf.to_object(merged)  # type: ignore[assignment]
     problems = eval_problems(args.eval)
     if not suite.has_sets(args.eval):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from omegaconf import OmegaConf
 
 from clipforge.checkpoint import load_exported
 from clipforge.config import Config
@@ -67,9 +66,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> Exporte
     tok_path = run_dir / "tokenizer.model"
     if not tok_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no tokenizer.model (was it trained on shards?)")
-    state, raw = load_exported(run_dir)
-    # Merged over the schema: a run saved before a field existed still loads, with its default.
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))  # type: ignore[assignment]
+    state, cfg = load_exported(run_dir)
     tokenizer = Tokenizer(str(tok_path), cfg.model.text.context_length)
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size)
     model.load_state_dict(state)
