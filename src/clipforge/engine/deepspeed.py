@@ -329,4 +329,3 @@ class Engine:
         if full is None:
             full = masters.get(id(p), p)
         return full.detach().float().cpu().clone().reshape(shape)
-
