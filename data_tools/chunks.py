@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from data_tools import fetch, images, readers, shards
+from data_tools import fetch, images, shards
+from data_tools.rows import Row
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +40,7 @@ class SampleError(ValueError):
 @dataclass(frozen=True)
 class ChunkTask:
     index: int
-    rows: list[readers.Row]
+    rows: list[Row]
     work_dir: str
     base_dir: str  # relative image paths are taken against it
     image: images.ImageOptions
@@ -69,7 +70,7 @@ def read_outcomes(work_dir: Path, index: int) -> list[dict[str, Any]]:
         return json.load(f)["rows"]
 
 
-def source_label(row: readers.Row) -> str:
+def source_label(row: Row) -> str:
     """How the report names a row's image: a tar member gets ``tar#member-key``."""
     if row.member is None and row.data is None:
         return row.source
@@ -91,7 +92,7 @@ def _label(value: Any) -> bytes:
     return str(number).encode("ascii")
 
 
-def members(row: readers.Row, encoded: images.EncodedImage, digest: str) -> dict[str, bytes]:
+def members(row: Row, encoded: images.EncodedImage, digest: str) -> dict[str, bytes]:
     """The tar members of one sample; ``digest`` is the sha256 of the source bytes."""
     label = _label(row.label) if row.label is not None else None
     meta: dict[str, Any] = {"key": row.key, "source": source_label(row), "caption": row.caption}
@@ -116,14 +117,14 @@ def members(row: readers.Row, encoded: images.EncodedImage, digest: str) -> dict
     return out
 
 
-def load_bytes(row: readers.Row, task: ChunkTask) -> bytes:
+def load_bytes(row: Row, task: ChunkTask) -> bytes:
     if row.data is not None:
         return row.data
     source = fetch.resolve_source(row.source, task.base_dir)
     return fetch.fetch_bytes(source, task.fetch, row.member)
 
 
-def _fetch(row: readers.Row, task: ChunkTask) -> bytes | Exception:
+def _fetch(row: Row, task: ChunkTask) -> bytes | Exception:
     # Runs in a fetch thread: errors travel back as values so the row order is kept.
     if row.index in task.verdicts:
         return b""
@@ -144,7 +145,7 @@ def _error_outcome(error: Exception) -> tuple[str, str]:
 
 
 def process_row(
-    row: readers.Row, fetched: bytes | Exception, task: ChunkTask
+    row: Row, fetched: bytes | Exception, task: ChunkTask
 ) -> tuple[dict[str, Any], bytes]:
     """(outcome, tar record); the record is empty unless the row became a sample."""
     outcome: dict[str, Any] = {"key": row.key, "source": source_label(row), "note": row.note}

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from data_tools import chunks, fetch, images, readers, shards
 from data_tools.layouts import class_label, fill_template
 from data_tools.packer import Packer, WorkFilesMissing
+from data_tools.rows import ColumnSpec, Dataset, ReadOptions, Row, TableError
 
 EXIT_USAGE = 2
 WORK_DIR = "_work"
@@ -180,9 +181,9 @@ def validate(args: argparse.Namespace) -> list[str]:
     return problems
 
 
-def read_options(args: argparse.Namespace) -> readers.ReadOptions:
-    spec = readers.ColumnSpec(args.url_col, args.caption_col, args.cls_col, tuple(args.extra_cols))
-    return readers.ReadOptions(
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    spec = ColumnSpec(args.url_col, args.caption_col, args.cls_col, tuple(args.extra_cols))
+    return ReadOptions(
         args.input_format, spec, args.header, tuple(args.columns), args.caption_template
     )
 
@@ -207,7 +208,7 @@ def output_dir(args: argparse.Namespace) -> Path:
     return out / f"part-{args.slice_index:05d}" if args.slice_count is not None else out
 
 
-def check_images_dir(rows: list[readers.Row], base_dir: str) -> None:
+def check_images_dir(rows: list[Row], base_dir: str) -> None:
     """One clear error when no image is where the options say, instead of N 'missing' rows."""
     local = [r for r in rows[:64] if r.member is None and r.data is None and r.source]
     local = [r for r in local if not fetch.is_url(r.source) and not os.path.isabs(r.source)]
@@ -220,7 +221,7 @@ def check_images_dir(rows: list[readers.Row], base_dir: str) -> None:
         )
 
 
-def pre_verdicts(rows: list[readers.Row], args: argparse.Namespace) -> dict[int, tuple[str, str]]:
+def pre_verdicts(rows: list[Row], args: argparse.Namespace) -> dict[int, tuple[str, str]]:
     """Outcomes known without fetching: caption filters, then duplicate URLs (first wins)."""
     verdicts: dict[int, tuple[str, str]] = {}
     first_of: dict[tuple[str, Any], str] = {}
@@ -240,7 +241,7 @@ def pre_verdicts(rows: list[readers.Row], args: argparse.Namespace) -> dict[int,
     return verdicts
 
 
-def fingerprint(args: argparse.Namespace, rows: list[readers.Row]) -> str:
+def fingerprint(args: argparse.Namespace, rows: list[Row]) -> str:
     """What the output depends on: output-affecting settings and every row's content."""
     digest = hashlib.sha256()
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_ARGS}
@@ -301,7 +302,7 @@ def plan_chunks(out: Path, fp: str, n_rows: int, args: argparse.Namespace) -> in
 
 
 def make_tasks(
-    rows: list[readers.Row], size: int, args: argparse.Namespace, work: Path, base_dir: str
+    rows: list[Row], size: int, args: argparse.Namespace, work: Path, base_dir: str
 ) -> list[chunks.ChunkTask]:
     verdicts = pre_verdicts(rows, args)
     image, opts = image_options(args), fetch_options(args)
@@ -372,7 +373,7 @@ def _templates(value: str) -> list[str]:
     return [t.strip().replace("{label}", "{}").replace("{c}", "{}") for t in lines if t.strip()]
 
 
-def write_sidecars(out: Path, ds: readers.Dataset, args: argparse.Namespace) -> None:
+def write_sidecars(out: Path, ds: Dataset, args: argparse.Namespace) -> None:
     if ds.classnames is not None:
         shards.write_bytes(out / CLASSNAMES, ("\n".join(ds.classnames) + "\n").encode("utf-8"))
     if args.zeroshot_templates is not None:
@@ -407,7 +408,7 @@ def finish(out: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows:
     return manifest
 
 
-def load_dataset(args: argparse.Namespace) -> tuple[readers.Dataset, list[readers.Row], str]:
+def load_dataset(args: argparse.Namespace) -> tuple[Dataset, list[Row], str]:
     """Read and check everything; raises TableError/UsageError (-> exit 2) before any work."""
     problems = validate(args)
     if problems:
@@ -433,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out} already holds this conversion, finished; nothing to do", file=sys.stderr)
             return 0
         size = plan_chunks(out, fp, len(rows), args)
-    except (readers.TableError, UsageError) as e:
+    except (TableError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     tasks = make_tasks(rows, size, args, out / WORK_DIR, base_dir)

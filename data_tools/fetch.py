@@ -3,8 +3,11 @@
 Used by ``python -m data_tools.convert``; fetch one source by hand with
 ``python -m data_tools.fetch SOURCE`` (prints its size).
 
-http(s) goes through urllib rather than fsspec's HTTP filesystem: that one needs aiohttp, which
-is not a dependency, and urllib gives a per-request timeout for free. Other URLs (s3://, gs://,
+Whole http(s) objects go through urllib, not fsspec's HTTP filesystem (aiohttp is a dependency,
+for shard URLs, manifests and input tables on web servers; this is a choice, not a gap): urllib's
+blocking calls suit the fetch threads, each request gets its own timeout, a Content-Length over
+--max-bytes is refused before the body is read, and the status code names the failure ("http
+404") and decides the retry. Tar members over http (ranged reads) and other URLs (s3://, gs://,
 ...) go through fsspec with the matching backend installed. Every error is a ``FetchError`` whose
 message starts with a short category ("missing", "http 404", "timeout", ...), which the
 converter counts per shard.

@@ -1,6 +1,7 @@
 """Dumps that are not one table -> rows: COCO captions, Flickr token files, folders, tars.
 
-Used by ``python -m data_tools.convert`` through ``readers.load``; try one with
+Used by ``python -m data_tools.convert`` through ``readers.load``, which imports this module
+(never the other way round: both build their rows from ``data_tools.rows``); try one with
 ``python -m data_tools.readers INPUT FORMAT``.
 
 - coco: ``captions_*.json``; one row per annotated image, every caption kept (``Row.captions``).
@@ -24,7 +25,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from data_tools.readers import Dataset, ReadOptions, Row, TableError, load_json, make_row, table_dir
+from data_tools.rows import (
+    Dataset,
+    ReadOptions,
+    Row,
+    TableError,
+    load_json,
+    make_row,
+    open_text,
+    table_dir,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # Fields of our own KEY.json that a re-shard recomputes; the rest travels on as extra columns.
@@ -63,8 +73,6 @@ def read_coco(path: str, opts: ReadOptions) -> Dataset:
 def read_flickr(path: str, opts: ReadOptions) -> Dataset:
     """``name#N<TAB>caption`` lines -> one row per image, captions in N order."""
     grouped: dict[str, dict[int, str]] = {}
-    from data_tools.readers import open_text
-
     try:
         with open_text(path) as f:
             for line_no, line in enumerate(f, start=1):

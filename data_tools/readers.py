@@ -6,9 +6,9 @@ Used by ``python -m data_tools.convert``; try an input on its own with
 Tables (csv, tsv, parquet, jsonl, json; each may be gzipped, bz2'd, xz'd or zstd'd) are read here;
 the dumps that are not one table (COCO captions, Flickr token files, image folders, tars and
 existing shards) live in ``data_tools.layouts``. ``load`` dispatches on ``--input-format`` (or
-guesses it) and returns a ``Dataset``; everything after it is format-blind. Inputs are read whole
-into memory: fine for the slices a Slurm array task handles, and for tables of tens of millions
-of rows on one machine.
+guesses it) and returns a ``Dataset`` (``data_tools.rows`` holds it, ``Row`` and ``ReadOptions``);
+everything after it is format-blind. Inputs are read whole into memory: fine for the slices a
+Slurm array task handles, and for tables of tens of millions of rows on one machine.
 """
 
 from __future__ import annotations
@@ -17,110 +17,35 @@ import csv
 import io
 import json
 import os
-import re
 import sys
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-KEY_DIGITS = 9  # 1e9 rows per input; keys are zero-padded so they sort like row indices
+from data_tools import layouts
+from data_tools.rows import (
+    ColumnSpec,
+    Dataset,
+    ReadOptions,
+    Row,
+    TableError,
+    as_text,
+    load_json,
+    make_row,
+    open_text,
+    table_dir,
+)
+
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 TABLE_FORMATS = ("csv", "tsv", "parquet", "jsonl", "json")
 LAYOUT_FORMATS = ("coco", "flickr", "folder", "tar", "webdataset")
 FORMATS = TABLE_FORMATS + LAYOUT_FORMATS
-# Bytes that were not UTF-8 arrive as lone surrogates (errors="surrogateescape", or "\udXXX" in
-# JSON); they cannot be written as UTF-8 and are dropped from captions.
-_SURROGATES = re.compile("[\ud800-\udfff]")
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-class TableError(ValueError):
-    """The input can't be read or lacks a requested column (reported as one line, exit 2)."""
 
 
 @dataclass(frozen=True)
 class Table:
     columns: list[str]  # every column seen, in first-seen order
     records: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class ColumnSpec:
-    """Which table columns feed which sample fields (img2dataset's option names)."""
-
-    url: str = "url"
-    caption: str = "caption"
-    cls: str | None = None
-    extra: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How to read the input; every field has a command-line flag of the same name."""
-
-    input_format: str = "auto"
-    columns: ColumnSpec = field(default_factory=ColumnSpec)
-    header: str = "auto"  # csv/tsv: "yes", "no" or "auto" (no header when row 1 holds a URL)
-    column_names: tuple[str, ...] = ()  # names for a headerless csv/tsv
-    caption_template: str | None = None  # folder mode: class sub-folders -> captions
-
-
-@dataclass(frozen=True)
-class Row:
-    index: int
-    key: str
-    source: str  # as written in the input; fetch.resolve_source makes it openable
-    caption: str
-    captions: tuple[str, ...] | None = None  # all captions of the image (COCO, Flickr)
-    label: Any = None  # raw class value, validated when the sample is built
-    extra: dict[str, Any] = field(default_factory=dict)
-    member: tuple[int, int] | None = None  # (offset, size) of the image inside the tar `source`
-    data: bytes | None = None  # image bytes already in memory (members of compressed tars)
-    note: str | None = None  # what cleaning changed, for the row report
-
-
-@dataclass(frozen=True)
-class Dataset:
-    rows: list[Row]
-    base_dir: str  # relative image names are taken against it unless --images is given
-    classnames: list[str] | None = None  # folder mode with class sub-folders
-
-
-def clean_caption(text: str) -> tuple[str, str | None]:
-    """NFC text on one line with single spaces; invalid UTF-8 and control characters dropped."""
-    note = None
-    if _SURROGATES.search(text):
-        text = _SURROGATES.sub("", text)
-        note = "caption: invalid UTF-8 dropped"
-    text = unicodedata.normalize("NFC", _CONTROL.sub(" ", text))
-    return " ".join(text.split()), note
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
-def make_row(index: int, source: str, caption: Any, **fields: Any) -> Row:
-    """A row with a cleaned caption (and captions), keyed by its index."""
-    clean, note = clean_caption(_text(caption))
-    captions = fields.pop("captions", None)
-    if captions is not None:
-        cleaned = [clean_caption(_text(c)) for c in captions]
-        captions = tuple(c for c, _ in cleaned)
-        note = note or next((n for _, n in cleaned if n), None)
-    key = f"{index:0{KEY_DIGITS}d}"
-    return Row(index, key, source.strip(), clean, captions=captions, note=note, **fields)
-
-
-def open_text(path: str):
-    import fsspec  # workers import this module for its types only: keep their start-up light
-
-    # newline="" lets the csv module handle quoted newlines; surrogateescape keeps a row with
-    # invalid UTF-8 readable so only its caption is repaired, not the whole table lost.
-    return fsspec.open(
-        path, "rt", compression="infer", encoding="utf-8", errors="surrogateescape", newline=""
-    )
 
 
 def _looks_like_source(value: str) -> bool:
@@ -211,16 +136,6 @@ def read_jsonl(path: str, opts: ReadOptions) -> Table:
     return Table(columns=list(columns), records=records)
 
 
-def load_json(path: str) -> Any:
-    try:
-        with open_text(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TableError(f"{path}: invalid JSON: {e}") from e
-    except OSError as e:
-        raise TableError(f"cannot read {path}: {e}") from e
-
-
 def is_coco(obj: Any) -> bool:
     return isinstance(obj, dict) and "images" in obj and "annotations" in obj
 
@@ -279,8 +194,6 @@ def detect_format(path: str) -> str:
     """Format name from the path: a folder, tar, token file, or a table's extension."""
     name = _strip_compression(path.lower().rstrip("/"))
     if "://" not in path and os.path.isdir(path):
-        from data_tools import layouts
-
         return "webdataset" if layouts.is_shard_folder(path) else "folder"
     if name.endswith((".tar", ".tgz")) or any(c in path for c in "*{"):
         return "webdataset"
@@ -331,7 +244,7 @@ def to_rows(table: Table, spec: ColumnSpec) -> list[Row]:
     return [
         make_row(
             i,
-            _text(rec.get(spec.url)),
+            as_text(rec.get(spec.url)),
             rec.get(spec.caption),
             label=rec.get(spec.cls) if spec.cls else None,
             extra={col: rec.get(col) for col in spec.extra},
@@ -340,16 +253,8 @@ def to_rows(table: Table, spec: ColumnSpec) -> list[Row]:
     ]
 
 
-def table_dir(path: str) -> str:
-    if "://" in path:
-        return path.rsplit("/", 1)[0]
-    return os.path.dirname(os.path.abspath(path))
-
-
 def load(path: str, opts: ReadOptions) -> Dataset:
     """Any supported input -> rows; raises TableError before any image is touched."""
-    from data_tools import layouts
-
     fmt = opts.input_format if opts.input_format != "auto" else detect_format(path)
     if fmt not in FORMATS:
         raise TableError(f"unknown input format {fmt!r}; known: {', '.join(FORMATS)}")

@@ -27,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_tools import convert, images, readers, shards
+from data_tools.rows import TableError
 
 ROOT = Path(__file__).parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -381,5 +382,5 @@ def test_format_detection() -> None:
     assert readers.detect_format("x.tsv.gz") == "tsv"
     assert readers.detect_format("s3://b/{00000..00009}.tar") == "webdataset"
     assert readers.detect_format("Flickr8k.token.txt") == "flickr"
-    with pytest.raises(readers.TableError, match="--input-format"):
+    with pytest.raises(TableError, match="--input-format"):
         readers.detect_format("rows.txt")

@@ -18,13 +18,14 @@ import pytest
 from PIL import Image
 
 from data_tools import convert, readers, shards
+from data_tools.rows import ColumnSpec, Dataset, ReadOptions, TableError
 
 I2D = ("URL", "TEXT")
 
 
-def load(path: Path, **opts) -> readers.Dataset:
-    columns = opts.pop("columns", readers.ColumnSpec())
-    return readers.load(str(path), readers.ReadOptions(columns=columns, **opts))
+def load(path: Path, **opts) -> Dataset:
+    columns = opts.pop("columns", ColumnSpec())
+    return readers.load(str(path), ReadOptions(columns=columns, **opts))
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def load(path: Path, **opts) -> readers.Dataset:
 )
 def test_img2dataset_input_tables(name: str, shared_data: Path) -> None:
     path = shared_data / "formats" / "img2dataset_input" / name
-    rows = load(path, columns=readers.ColumnSpec(*I2D)).rows
+    rows = load(path, columns=ColumnSpec(*I2D)).rows
     assert len(rows) == 1000
     assert rows[0].key == "000000000" and rows[-1].key == "000000999"
     assert all(r.source.startswith(("http://", "https://")) for r in rows)
@@ -48,17 +49,17 @@ def test_img2dataset_input_tables(name: str, shared_data: Path) -> None:
     # The same 1,000 rows whatever the format (captions cleaned the same way: the one with a
     # TAB is on one line with single spaces).
     reference = load(shared_data / "formats/img2dataset_input/derived_test_1000.csv",
-                     columns=readers.ColumnSpec(*I2D)).rows  # fmt: skip
+                     columns=ColumnSpec(*I2D)).rows  # fmt: skip
     assert [(r.source, r.caption) for r in rows] == [(r.source, r.caption) for r in reference]
     assert all("\t" not in r.caption for r in rows)
 
 
 def test_parquet_extra_columns_and_bigger_table(shared_data: Path) -> None:
     folder = shared_data / "formats" / "img2dataset_input"
-    spec = readers.ColumnSpec("url", "txt", extra=("sha256hash",))
+    spec = ColumnSpec("url", "txt", extra=("sha256hash",))
     rows = load(folder / "sample_image.parquet", columns=spec).rows
     assert len(rows) == 2 and len(rows[0].extra["sha256hash"]) == 64
-    assert len(load(folder / "test_10000.parquet", columns=readers.ColumnSpec(*I2D)).rows) == 10000
+    assert len(load(folder / "test_10000.parquet", columns=ColumnSpec(*I2D)).rows) == 10000
 
 
 def test_cc3m_headerless_tsv(shared_data: Path) -> None:
@@ -68,16 +69,16 @@ def test_cc3m_headerless_tsv(shared_data: Path) -> None:
     assert named[0].caption.startswith("author : a life in photography")
     assert named[0].source.startswith("https://i.pinimg.com/")
     # Detected as headerless (row 1 holds a URL): columns are numbered, and the error says how.
-    with pytest.raises(readers.TableError, match="--columns"):
+    with pytest.raises(TableError, match="--columns"):
         load(path)
-    by_index = load(path, columns=readers.ColumnSpec("1", "0")).rows
+    by_index = load(path, columns=ColumnSpec("1", "0")).rows
     assert [r.source for r in by_index[:50]] == [r.source for r in named[:50]]
 
 
 def test_unknown_column_names_the_columns(shared_data: Path) -> None:
     path = shared_data / "formats" / "img2dataset_input" / "derived_test_1000.jsonl"
-    with pytest.raises(readers.TableError, match="'nope'.*its columns are: URL, TEXT"):
-        load(path, columns=readers.ColumnSpec("nope", "TEXT"))
+    with pytest.raises(TableError, match="'nope'.*its columns are: URL, TEXT"):
+        load(path, columns=ColumnSpec("nope", "TEXT"))
 
 
 def test_coco_captions_and_flickr_tokens(shared_data: Path) -> None:
@@ -98,7 +99,7 @@ def test_tars_webdataset_and_image_only(shared_data: Path) -> None:
     assert len(only_images) == 11 and all(r.caption == "" and r.member for r in only_images)
     i2d = load(formats / "img2dataset_webdataset_output").rows
     assert len(i2d) == 159 and i2d[0].extra["original_key"] == "0000003"
-    with pytest.raises(readers.TableError, match="no sample with an image"):
+    with pytest.raises(TableError, match="no sample with an image"):
         load(formats / "webdataset_testdata" / "testgz.tar")
 
 
