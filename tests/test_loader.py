@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from clipforge.config import AugmentConfig
-from clipforge.data import pipeline
-from clipforge.data.pipeline import TrainLoader
+from clipforge.data import lanes, stream
 from clipforge.data.plan import ShardOrder
 from clipforge.data.shards import SourceError, resolve
+from clipforge.data.train_loader import TrainLoader
 from clipforge.data.transforms import eval_transform, train_transform
 
 SIZES = [13, 7, 20, 4, 16]  # uneven on purpose: 60 samples
@@ -258,8 +258,8 @@ def test_resampled_resume_reads_a_bounded_window(shards, monkeypatch):
             read["n"] += 1
             yield s
 
-    real = pipeline.iter_samples
-    monkeypatch.setattr(pipeline, "iter_samples", counting)
+    real = lanes.iter_samples
+    monkeypatch.setattr(lanes, "iter_samples", counting)
     for steps in (3, 40):
         first = make(shards, batch=4, mode="resampled", shuffle_buffer=16)
         take(first, steps)
@@ -375,17 +375,17 @@ def test_uneven_stream_positions_map_back_to_shards(shards):
 
 class _SeesParentState:
     """A transform that writes into the image whether the worker sees a marker the parent set
-    on the pipeline module after start-up (defined here, at module level: it must pickle)."""
+    on the stream module after start-up (defined here, at module level: it must pickle)."""
 
     def __call__(self, img) -> torch.Tensor:
-        return torch.full((3, 4, 4), float(hasattr(pipeline, "clipforge_test_marker")))
+        return torch.full((3, 4, 4), float(hasattr(stream, "clipforge_test_marker")))
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
 def test_workers_do_not_inherit_the_trainers_state(shards, mode, monkeypatch):
     """Workers start from a forkserver: a forked one would inherit the trainer's NCCL,
     DeepSpeed and wandb threads (their locks held or not) and, here, the marker."""
-    monkeypatch.setattr(pipeline, "clipforge_test_marker", True, raising=False)
+    monkeypatch.setattr(stream, "clipforge_test_marker", True, raising=False)
     loader = make(shards, workers=2, batch=4, mode=mode, transform=_SeesParentState())
     batches = [b for _, b in zip(range(4), loader)]
     assert len(batches) == 4

@@ -2,7 +2,7 @@
 
     python -m clipforge.data.plan 1000 --world 3 --workers 2 --batch 8   # print an epoch's layout
 
-Exact-epoch mode (pipeline.py reads what this module computes):
+Exact-epoch mode (stream.py reads what this module computes):
 
   X     the epoch's samples in a seeded shard order: shard pi(0)'s samples in file order, then
         shard pi(1)'s, ... (sizes from the manifest). A new shard order every epoch.
