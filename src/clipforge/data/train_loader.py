@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.plan import Geometry
+from clipforge.data.plan import Geometry, PastGeometry
 from clipforge.data.shards import ShardSet, SourceError, draw_weights
 from clipforge.data.stream import StreamSpec, TrainStream
 from clipforge.data.workers import worker_context
@@ -84,7 +84,7 @@ class TrainLoader:
         self.batches = self.errors = self.restarts = 0
         self.roles: list[dict[str, Any]] = [{} for _ in range(self.geo.nw)]
         self.epoch, self.step, self.steps = 0, 0, None
-        self.history: list[list[int]] = []
+        self.history: list[PastGeometry] = []  # this epoch's geometries before the current one
         self._busy, self._decoded = 0.0, 0
 
     @property
@@ -98,13 +98,13 @@ class TrainLoader:
             "mode": self.mode,
             "batches": self.batches,
             "errors": self.errors,
-            "geometry": self.geo.to_list(),
+            "geometry": self.geo.to_state(),
         }
         if self.mode == "epoch":
             state.update(
                 epoch=self.epoch,
                 step=self.step,
-                history=[list(h) for h in self.history],
+                history=[h.to_state() for h in self.history],
                 samples=self.spec.shards.samples,
             )
         else:
@@ -118,7 +118,7 @@ class TrainLoader:
                 f"data.mode={self.mode}: resume with the same mode"
             )
         self.batches, self.errors = int(state["batches"]), int(state.get("errors", 0))
-        old = Geometry.from_list(state["geometry"]) if "geometry" in state else None
+        old = Geometry.from_state(state["geometry"]) if "geometry" in state else None
         if self.mode == "epoch":
             self._load_epoch(state, old)
         else:
@@ -131,10 +131,10 @@ class TrainLoader:
                 f"holds {self.spec.shards.samples}: exact epochs need the same shards"
             )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.history = [list(h) for h in state["history"]]
+        self.history = [PastGeometry.from_state(h) for h in state["history"]]
         if old is not None and old != self.geo:
             # The rest of this epoch is re-split from what the old geometry had not read.
-            self.history.append([*old.to_list(), self.step])
+            self.history.append(PastGeometry(old, self.step))
             self.step = 0
 
     def _load_resampled(self, state: dict[str, Any], old: Geometry | None) -> None:
@@ -158,7 +158,7 @@ class TrainLoader:
             "roles": [dict(r) for r in self.roles],
             "epoch": self.epoch,
             "step": self.step,
-            "history": [(Geometry.from_list(h[:5]), int(h[5])) for h in self.history],
+            "history": list(self.history),
         }
 
     def _record(self, meta: dict[str, Any], samples: int) -> None:
@@ -182,7 +182,7 @@ class TrainLoader:
             out["data_decode_samples_per_s"] = self._decoded / self._busy * self.geo.nw
         if self.mode == "epoch" and self.steps:
             # Samples read this epoch over samples it will read, across geometry changes.
-            done = sum(h[0] * h[2] * h[5] for h in self.history) + self.step * self.geo.global_batch
+            done = sum(h.samples for h in self.history) + self.step * self.geo.global_batch
             left = (self.steps - self.step) * self.geo.global_batch
             out["data_epoch"] = self.epoch + done / max(1, done + left)
         self._busy, self._decoded = 0.0, 0
