@@ -115,10 +115,8 @@ class ErrorBudget:
 class Decoder:
     """Raw sample -> (image tensor, caption), with randomness seeded by the sample's position."""
 
-    def __init__(self, transform: Callable, budget: ErrorBudget):
-        # A transform with crop/normalize (transforms.TrainTransform) leaves the float work
-        # to one pass per batch; any other callable is applied whole per image.
-        self.transform = getattr(transform, "crop", transform)
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], budget: ErrorBudget):
+        self.transform = transform  # per image (BatchTransform.image: the batch part comes later)
         self.budget = budget
         self.uncaptioned = 0
 

@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.lanes import DrawLane, PieceLane
 from clipforge.data.plan import BLOCK, EpochPlan, Geometry, ShardOrder, build_epoch, rng
 from clipforge.data.samples import Decoder, ErrorBudget, Failed
 from clipforge.data.shards import ShardSet, SourceError
+from clipforge.data.transforms import BatchTransform
 from clipforge.data.workers import shared_empty
 
 
@@ -41,7 +41,7 @@ class StreamSpec:
     """Everything a worker needs; pickled to each DataLoader worker (see workers.worker_context)."""
 
     shards: ShardSet
-    transform: Callable
+    transform: BatchTransform
     tokenizer: Callable
     seed: int
     rank: int
@@ -56,25 +56,20 @@ class TrainStream(IterableDataset):
 
     def __init__(self, spec: StreamSpec, start: dict[str, Any]):
         self.spec, self.start = spec, start
+        self._last_ok: list = []  # the last batch with good samples (see _fill)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         where = f"rank {self.spec.rank} worker {w}"
-        decode = Decoder(self.spec.transform, ErrorBudget(self.spec.max_error_rate, where))
+        decode = Decoder(self.spec.transform.image, ErrorBudget(self.spec.max_error_rate, where))
         if self.spec.mode == "epoch":
             yield from self._epochs(w, nw, decode)
         else:
             yield from self._resampled((w + self.start["batches"]) % nw, decode)
 
     def _batch(self, images: list, texts: list[str], meta: dict[str, Any]) -> dict[str, Any]:
-        normalize = getattr(self.spec.transform, "normalize", None)
-        if normalize is None:
-            shape = (len(images), *images[0].shape)
-            image = torch.stack(images, out=shared_empty(shape, images[0].dtype))
-        else:  # uint8 HWC crops -> float CHW, once per batch
-            h, w, c = images[0].shape
-            image = normalize(torch.stack(images), out=shared_empty((len(images), c, h, w)))
+        image = self.spec.transform.batch(images, shared_empty)
         return {"image": image, "text": self.spec.tokenizer(texts), "__meta__": meta}
 
     # resampled ------------------------------------------------------------------------------
@@ -175,7 +170,7 @@ class TrainStream(IterableDataset):
     def _fill(self, good: list, items: list) -> tuple[list, list[str]]:
         """A failed sample's place goes to a copy of a good one (of this batch, else of the
         last batch), so batches stay full and batch boundaries stay where plan.py puts them."""
-        ok = [g for g in good if g is not None] or getattr(self, "_last_ok", [])
+        ok = [g for g in good if g is not None] or self._last_ok
         if not ok:
             url = next((raw.url for _, raw in items if isinstance(raw, Failed)), None)
             raise SourceError(f"{url or items[0][1]['__url__']}: every sample of a batch failed")

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from clipforge.data.plan import Geometry, PastGeometry
 from clipforge.data.shards import ShardSet, SourceError, draw_weights
 from clipforge.data.stream import StreamSpec, TrainStream
+from clipforge.data.transforms import batch_transform
 from clipforge.data.workers import worker_context
 
 __all__ = ["MODES", "TrainLoader"]
@@ -78,7 +79,15 @@ class TrainLoader:
             total += p
             cum.append(total)
         self.spec = StreamSpec(
-            shards, transform, tokenizer, seed, rank, self.geo, mode, cum, max_error_rate
+            shards,
+            batch_transform(transform),
+            tokenizer,
+            seed,
+            rank,
+            self.geo,
+            mode,
+            cum,
+            max_error_rate,
         )
         self.workers, self.mode = workers, mode
         self.batches = self.errors = self.restarts = 0
