@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 # Salts that keep the seeds of different uses apart.
-SHARD_ORDER, BLOCK, DRAW, AUGMENT, CAPTION, SUBSTITUTE = 11, 12, 13, 14, 15, 16
+SHARD_ORDER, BLOCK, DRAW, AUGMENT, CAPTION = 11, 12, 13, 14, 15
 
 
 def seed_for(*parts: int) -> int:
