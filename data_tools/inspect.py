@@ -5,10 +5,12 @@
     python -m data_tools.inspect shards/ --processes 8    # validate shards in parallel
 
 Every member is checked: images must decode fully, ``.txt`` must be UTF-8, ``.json`` must parse,
-``.cls`` must be an integer. With a manifest.json, each shard's size, sha256 and sample count
-are compared with it. Exit code 0 when everything is valid, 1 when anything is not.
-``--json`` prints at least ``samples``, ``shards``, ``invalid`` (members that failed to check),
-``bytes``, ``extensions`` and ``problems``.
+``.cls`` must be an integer, and every sample must hold an image member the trainer reads
+(``clipforge.data.samples.IMAGE_EXTS``: a ``.gif`` one is not trainable). With a manifest.json,
+each shard's size, sha256 and sample count are compared with it. Exit code 0 when everything is
+valid, 1 when anything is not. ``--json`` prints at least ``samples``, ``shards``, ``invalid``
+(members that failed to check, and samples the trainer cannot read), ``bytes``, ``extensions``
+and ``problems``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 import fsspec
 from PIL import Image
 
-from data_tools.layouts import IMAGE_EXTS, split_member
+from clipforge.data.samples import IMAGE_EXTS
+from data_tools.layouts import split_member
 
 MAX_PROBLEMS = 20  # per shard: enough to see the pattern, not a flood
 
@@ -84,6 +87,16 @@ def check_member(ext: str, data: bytes) -> str | None:
     return None
 
 
+def untrainable(key: str, members: Sequence[str]) -> str | None:
+    """None when the trainer can read the sample's image, else why not."""
+    if any(e in IMAGE_EXTS for e in members):
+        return None
+    return (
+        f"{key}: not trainable, no image member the trainer reads ({'/'.join(IMAGE_EXTS)}); "
+        f"members: {', '.join(sorted(members))}"
+    )
+
+
 def _example(key: str, members: dict[str, bytes]) -> dict[str, Any]:
     example: dict[str, Any] = {"key": key, "members": sorted(members)}
     if "txt" in members:
@@ -93,6 +106,17 @@ def _example(key: str, members: dict[str, bytes]) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # already counted as invalid
             example["size"] = list(Image.open(io.BytesIO(members[image])).size)
     return example
+
+
+def _finish(report: ShardReport, key: str, members: dict[str, bytes], n_examples: int) -> None:
+    """A sample's members are all read: judge the sample as a whole."""
+    error = untrainable(key, list(members))
+    if error is not None:
+        report.invalid += 1
+        if len(report.problems) < MAX_PROBLEMS:
+            report.problems.append(f"{report.url}: {error}")
+    if len(report.examples) < n_examples:
+        report.examples.append(_example(key, members))
 
 
 def inspect_shard(url: str, n_examples: int = 3) -> ShardReport:
@@ -117,15 +141,15 @@ def inspect_shard(url: str, n_examples: int = 3) -> ShardReport:
                             report.problems.append(f"{url}: {member.name}: {error}")
                     keys.add(key)
                     if current is None or current[0] != key:
-                        if current is not None and len(report.examples) < n_examples:
-                            report.examples.append(_example(*current))
+                        if current is not None:
+                            _finish(report, *current, n_examples)
                         current = (key, {})
                     current[1][ext] = data
             # Read to the end: the checksum must cover the padding too.
             while stream.readinto(bytearray(1 << 20)):
                 pass
-        if current is not None and len(report.examples) < n_examples:
-            report.examples.append(_example(*current))
+        if current is not None:
+            _finish(report, *current, n_examples)
         report.bytes, report.sha256 = stream.size, stream.hash.hexdigest()
     except (OSError, tarfile.TarError, EOFError) as e:
         report.invalid += 1

@@ -36,7 +36,9 @@ from data_tools.rows import (
     table_dir,
 )
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+# Image formats the converter reads as input (it re-encodes them); the members a finished shard
+# may hold are clipforge.data.samples.IMAGE_EXTS, which data_tools.inspect checks.
+INPUT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # Fields of our own KEY.json that a re-shard recomputes; the rest travels on as extra columns.
 REGENERATED = {"key", "source", "caption", "captions", "width", "height", "sha256", "status"}
 REGENERATED |= {"original_width", "original_height", "error_message", "url"}
@@ -95,7 +97,7 @@ def read_flickr(path: str, opts: ReadOptions) -> Dataset:
 
 
 def _is_image(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS if "." in name else False
+    return name.rsplit(".", 1)[-1].lower() in INPUT_IMAGE_EXTS if "." in name else False
 
 
 def _images_under(folder: str) -> list[str]:
@@ -127,7 +129,7 @@ def read_folder(path: str, opts: ReadOptions) -> Dataset:
                 caption = f.read()
         rows.append(make_row(i, rel, caption))
     if not rows:
-        raise TableError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) found")
+        raise TableError(f"{path}: no images ({', '.join(INPUT_IMAGE_EXTS)}) found")
     return Dataset(rows, os.path.abspath(path))
 
 
@@ -248,7 +250,7 @@ def _meta(sample: _TarSample) -> dict[str, Any]:
 
 
 def _tar_row(index: int, tar_path: str, key: str, sample: _TarSample) -> Row | None:
-    image_ext = next((e for e in sample.members if e in IMAGE_EXTS), None)
+    image_ext = next((e for e in sample.members if e in INPUT_IMAGE_EXTS), None)
     if image_ext is None:
         return None
     member = sample.members[image_ext]
@@ -290,7 +292,7 @@ def read_tars(path: str, opts: ReadOptions) -> Dataset:
     except (OSError, tarfile.TarError) as e:
         raise TableError(f"cannot read tar {path}: {e}") from e
     if not rows:
-        raise TableError(f"{path}: no sample with an image member ({', '.join(IMAGE_EXTS)})")
+        raise TableError(f"{path}: no sample with an image member ({', '.join(INPUT_IMAGE_EXTS)})")
     return Dataset(rows, "")
 
 

@@ -17,8 +17,9 @@ from PIL import Image
 
 from clipforge.config import AugmentConfig
 from clipforge.data.eval_loader import EvalLoader
-from clipforge.data.pipeline import TrainLoader, iter_shard
 from clipforge.data.shards import SourceError, resolve
+from clipforge.data.tario import iter_samples
+from clipforge.data.train_loader import TrainLoader
 from clipforge.data.transforms import eval_transform, train_transform
 from data_tools import convert
 
@@ -163,7 +164,7 @@ def test_img2dataset_output_trains_one_epoch_of_all_159(shared_data):
     out of key order): one epoch at batch 1 is every one of the 159 captions once."""
     src = shared_data / "formats" / "img2dataset_webdataset_output"
     sset = resolve(str(src))
-    want = Counter(s["txt"].decode() for url in sset.urls for s in iter_shard(url))
+    want = Counter(s["txt"].decode() for url in sset.urls for s in iter_samples(url))
     loader = TrainLoader(
         sset,
         eval_transform(16, AugmentConfig()),

@@ -65,6 +65,23 @@ def test_our_output_valid_then_broken(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "sha256" in problems
 
 
+def test_a_gif_member_is_not_trainable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainer reads jpg/jpeg/png/webp members only: a sample whose image is a .gif (a
+    valid image, and an input format the converter reads) makes the shard fail inspection."""
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(gif, format="GIF")
+    with shards.ShardWriter(tmp_path / "00000.tar") as writer:
+        writer.add("000000000", {"jpg": jpeg((1, 2, 3)), "txt": b"fine"})
+        writer.add("000000001", {"gif": gif.getvalue(), "txt": b"a gif"})
+        writer.close()
+    code, summary = run_json(tmp_path, capsys)
+    assert code == 1 and (summary["samples"], summary["invalid"]) == (2, 1)
+    assert summary["problems"] == [
+        f"{tmp_path / '00000.tar'}: 000000001: not trainable, no image member the trainer reads "
+        "(jpg/jpeg/png/webp); members: gif, txt"
+    ]
+
+
 def test_missing_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert inspect.main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error:")

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from clipforge.config import AugmentConfig
-from clipforge.data import pipeline
-from clipforge.data.pipeline import TrainLoader
+from clipforge.data import lanes, stream
 from clipforge.data.plan import ShardOrder
 from clipforge.data.shards import SourceError, resolve
+from clipforge.data.train_loader import TrainLoader
 from clipforge.data.transforms import eval_transform, train_transform
 
 SIZES = [13, 7, 20, 4, 16]  # uneven on purpose: 60 samples
@@ -258,8 +258,8 @@ def test_resampled_resume_reads_a_bounded_window(shards, monkeypatch):
             read["n"] += 1
             yield s
 
-    real = pipeline.iter_samples
-    monkeypatch.setattr(pipeline, "iter_samples", counting)
+    real = lanes.iter_samples
+    monkeypatch.setattr(lanes, "iter_samples", counting)
     for steps in (3, 40):
         first = make(shards, batch=4, mode="resampled", shuffle_buffer=16)
         take(first, steps)
@@ -306,6 +306,41 @@ def test_mid_epoch_world_change_chain(shards):
     c.load_state_dict(saved(b[1].state_dict()))
     seen += flat(take(c, 9))  # the 36 left
     assert len(seen) == len(set(seen)) == 60 and c.epoch == 1
+
+
+def _as_written_before_records(state: dict) -> dict:
+    """The state as checkpoints held it before named records: geometry as a list, each past
+    geometry of the epoch as [world, workers, batch, buffer, lanes, steps]."""
+
+    def listed(g: dict) -> list[int]:
+        return [g["world"], g["workers"], g["batch"], g["buffer"], g["lanes"]]
+
+    old = dict(state, geometry=listed(state["geometry"]))
+    if "history" in state:
+        old["history"] = [[*listed(h["geometry"]), h["steps"]] for h in state["history"]]
+    return old
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_state_of_the_list_form_resumes_the_same(shards, mode):
+    """Checkpoints written with the positional-list state still load, to the same samples."""
+    a = [make(shards, rank=r, world=3, batch=2, mode=mode) for r in range(3)]
+    for lo in a:
+        take(lo, 2)
+    b = make(shards, rank=0, world=2, batch=2, mode=mode)
+    b.load_state_dict(saved(a[0].state_dict()))
+    take(b, 1)
+    state = saved(b.state_dict())
+    if mode == "epoch":
+        assert len(state["history"]) == 1 and state["history"][0]["steps"] == 2
+    new, old = (make(shards, rank=0, world=2, batch=2, mode=mode) for _ in range(2))
+    new.load_state_dict(state)
+    old.load_state_dict(saved(_as_written_before_records(state)))
+    assert take(new, 8) == take(old, 8)
+    rates = "data_decode_samples_per_s"  # a timing, the one key that may differ
+    assert {k: v for k, v in new.metrics().items() if k != rates} == {
+        k: v for k, v in old.metrics().items() if k != rates
+    }
 
 
 # -- errors and counters -------------------------------------------------------------------------
@@ -375,17 +410,17 @@ def test_uneven_stream_positions_map_back_to_shards(shards):
 
 class _SeesParentState:
     """A transform that writes into the image whether the worker sees a marker the parent set
-    on the pipeline module after start-up (defined here, at module level: it must pickle)."""
+    on the stream module after start-up (defined here, at module level: it must pickle)."""
 
     def __call__(self, img) -> torch.Tensor:
-        return torch.full((3, 4, 4), float(hasattr(pipeline, "clipforge_test_marker")))
+        return torch.full((3, 4, 4), float(hasattr(stream, "clipforge_test_marker")))
 
 
 @pytest.mark.parametrize("mode", ["epoch", "resampled"])
 def test_workers_do_not_inherit_the_trainers_state(shards, mode, monkeypatch):
     """Workers start from a forkserver: a forked one would inherit the trainer's NCCL,
     DeepSpeed and wandb threads (their locks held or not) and, here, the marker."""
-    monkeypatch.setattr(pipeline, "clipforge_test_marker", True, raising=False)
+    monkeypatch.setattr(stream, "clipforge_test_marker", True, raising=False)
     loader = make(shards, workers=2, batch=4, mode=mode, transform=_SeesParentState())
     batches = [b for _, b in zip(range(4), loader)]
     assert len(batches) == 4

@@ -80,7 +80,7 @@ class DataConfig:
     # Samples shuffled together (a seeded permutation per block of this many raw samples).
     shuffle_buffer: int = 1000
     # resampled: shards drawn with replacement, an endless stream (pretraining's default).
-    # epoch: each sample once per epoch across all ranks (clipforge/data/pipeline.py).
+    # epoch: each sample once per epoch across all ranks (clipforge/data/stream.py).
     mode: str = "resampled"
     # One mixing weight per `::` source (resampled mode); empty: sources weighted by size.
     weights: Optional[list[float]] = None

@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipforge import checkpoint as ckpt
 from clipforge.config import Config, ConfigError, register, validate
-from clipforge.data.pipeline import TrainLoader
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.synthetic import SyntheticLoader
 from clipforge.data.tokenizer import Tokenizer
+from clipforge.data.train_loader import TrainLoader
 from clipforge.data.transforms import eval_transform, train_transform
 from clipforge.engine import dist, precision
 from clipforge.eval import suite

@@ -96,9 +96,9 @@ def build_shards() -> Path:
 # -- the two pipelines ---------------------------------------------------------------------------
 def ours(shards: Path, mode: str) -> Iterable:
     from clipforge.config import AugmentConfig
-    from clipforge.data.pipeline import TrainLoader
     from clipforge.data.shards import resolve
     from clipforge.data.tokenizer import Tokenizer
+    from clipforge.data.train_loader import TrainLoader
     from clipforge.data.transforms import train_transform
 
     sset = resolve(str(shards))

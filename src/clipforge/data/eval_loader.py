@@ -15,7 +15,7 @@ every W-th batch reads an ImageNet-val from shared storage 512 times. Here rank 
     world size; before each step the ranks agree whether any still has a batch (one small
     collective per step), as no rank can know the others' counts up front.
 Inside a rank each DataLoader worker takes a contiguous part of the rank's batches (or shards),
-so every sample is read once; workers start from a forkserver (pipeline.worker_context).
+so every sample is read once; workers start from a forkserver (workers.worker_context).
 
 Every rank yields the same number of batches (ZeRO-3 needs every rank in every forward): a short
 rank yields padding batches marked `pad: True` (a copy of its last batch, or one blank image
@@ -39,9 +39,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipforge.data.pipeline import _caption, _empty, _image, worker_context
+from clipforge.data.samples import choose_caption, open_image
 from clipforge.data.shards import ShardSet
 from clipforge.data.tario import iter_samples
+from clipforge.data.workers import shared_empty, worker_context
 from clipforge.engine.dist import all_gather_object
 
 __all__ = ["EvalLoader"]
@@ -173,13 +174,15 @@ class EvalLoader:
         return pieces
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        images = [self.transform(_image(s)) for s in samples]
+        images = [self.transform(open_image(s)) for s in samples]
         # In a worker, into shared memory: handing the batch over copies nothing.
-        image = torch.stack(images, out=_empty((len(images), *images[0].shape), images[0].dtype))
+        image = torch.stack(
+            images, out=shared_empty((len(images), *images[0].shape), images[0].dtype)
+        )
         batch: dict[str, Any] = {
             "image": image,
             "key": [s["__key__"] for s in samples],
-            "caption": [_caption(s, random.Random(0)) or "" for s in samples],
+            "caption": [choose_caption(s, random.Random(0)) or "" for s in samples],
         }
         if all("cls" in s for s in samples):
             batch["cls"] = torch.tensor([int(s["cls"]) for s in samples])

@@ -2,7 +2,7 @@
 
     python -m clipforge.data.plan 1000 --world 3 --workers 2 --batch 8   # print an epoch's layout
 
-Exact-epoch mode (pipeline.py reads what this module computes):
+Exact-epoch mode (stream.py reads what this module computes):
 
   X     the epoch's samples in a seeded shard order: shard pi(0)'s samples in file order, then
         shard pi(1)'s, ... (sizes from the manifest). A new shard order every epoch.
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 # Salts that keep the seeds of different uses apart.
-SHARD_ORDER, BLOCK, DRAW, AUGMENT, CAPTION, SUBSTITUTE = 11, 12, 13, 14, 15, 16
+SHARD_ORDER, BLOCK, DRAW, AUGMENT, CAPTION = 11, 12, 13, 14, 15
 
 
 def seed_for(*parts: int) -> int:
@@ -67,12 +68,41 @@ class Geometry:
     def global_batch(self) -> int:
         return self.batch * self.world
 
-    def to_list(self) -> list[int]:
-        return [self.world, self.workers, self.batch, self.buffer, self.lanes]
+    def to_state(self) -> dict[str, int]:
+        """Plain ints by field name, for a checkpoint (torch.load(weights_only=True) reads it)."""
+        return asdict(self)
 
     @classmethod
-    def from_list(cls, values: Sequence[int]) -> Geometry:
-        return cls(*(int(v) for v in values[:5]))
+    def from_state(cls, value: dict[str, Any] | Sequence[int]) -> Geometry:
+        """From to_state's dict, or the [world, workers, batch, buffer, lanes] list that
+        checkpoints written before the dict held."""
+        if isinstance(value, dict):
+            return cls(**{k: int(value[k]) for k in cls.__dataclass_fields__})
+        return cls(*(int(v) for v in value[:5]))
+
+
+@dataclass(frozen=True)
+class PastGeometry:
+    """A geometry that ran `steps` steps of the current epoch before the run changed it."""
+
+    geo: Geometry
+    steps: int
+
+    @property
+    def samples(self) -> int:
+        """Samples it read across all ranks."""
+        return self.steps * self.geo.global_batch
+
+    def to_state(self) -> dict[str, Any]:
+        return {"geometry": self.geo.to_state(), "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, value: dict[str, Any] | Sequence[int]) -> PastGeometry:
+        """From to_state's dict, or the [world, workers, batch, buffer, lanes, steps] list
+        that checkpoints written before the dict held."""
+        if isinstance(value, dict):
+            return cls(Geometry.from_state(value["geometry"]), int(value["steps"]))
+        return cls(Geometry.from_state(value[:5]), int(value[5]))
 
 
 class Runs:
@@ -220,15 +250,15 @@ def build_epoch(
     counts: Sequence[int],
     seed: int,
     epoch: int,
-    history: Sequence[tuple[Geometry, int]],
+    history: Sequence[PastGeometry],
     geo: Geometry,
 ) -> tuple[ShardOrder, EpochPlan]:
     """The shard order of `epoch` and the plan in force after the geometry changes in
-    `history` ((geometry, steps it ran) in order): O(consumers x buffer) per change."""
+    `history` (in order): O(consumers x buffer) per change."""
     order = ShardOrder(counts, seed, epoch)
     y = Runs([0], [order.total])
-    for p, (old, done) in enumerate(history):
-        y = EpochPlan(y, old, (seed, epoch, p)).remaining(done)
+    for p, past in enumerate(history):
+        y = EpochPlan(y, past.geo, (seed, epoch, p)).remaining(past.steps)
     return order, EpochPlan(y, geo, (seed, epoch, len(history)))
 
 

@@ -206,11 +206,6 @@ def resolve(source: str) -> ShardSet:
     return out
 
 
-def source_count(source: str) -> int:
-    """How many `::`-separated sources a `data.train` value names (for validating weights)."""
-    return len([s for s in source.split("::") if s.strip()])
-
-
 def draw_weights(sset: ShardSet, weights: list[float] | None = None) -> list[float]:
     """Probability of drawing each shard: a source's weight spread over its shards by their
     sizes. Without weights every sample is equally likely (sources weighted by their size).

@@ -7,12 +7,17 @@ batch: `crop` (per image: RandomResizedCrop as one PIL resize over the crop box 
 tensor) and `normalize` (per batch: uint8 BHWC -> float BCHW, (x / 255 - mean) / std in one
 scaled copy and one subtraction). Calling the transform on one image does both, so it is a
 drop-in for torchvision's ToTensor + Normalize pipeline (same crops for the same torch seed).
+
+BatchTransform is that split as the training stream's contract: `image` per image, `batch` per
+batch. The stream takes any image -> tensor callable too, wrapped whole by `batch_transform`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,7 +31,40 @@ def _to_rgb(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-class TrainTransform:
+# Allocates a batch tensor of (shape, dtype): shared memory in a DataLoader worker.
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+class BatchTransform(ABC):
+    """What the training stream calls: `image` on each decoded image, with torch's generator
+    seeded per sample, then `batch` once on the batch's results, into a tensor from `alloc`."""
+
+    @abstractmethod
+    def image(self, img: Image.Image) -> torch.Tensor: ...
+
+    @abstractmethod
+    def batch(self, images: list[torch.Tensor], alloc: Alloc) -> torch.Tensor: ...
+
+
+class WholeImage(BatchTransform):
+    """Any image -> tensor callable, applied whole per image; the batch is their stack."""
+
+    def __init__(self, fn: Callable[[Image.Image], torch.Tensor]):
+        self.fn = fn
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        return self.fn(img)
+
+    def batch(self, images: list[torch.Tensor], alloc: Alloc) -> torch.Tensor:
+        return torch.stack(images, out=alloc((len(images), *images[0].shape), images[0].dtype))
+
+
+def batch_transform(transform: Callable[[Image.Image], torch.Tensor]) -> BatchTransform:
+    """The stream's view of a transform: a BatchTransform as it is, any other callable whole."""
+    return transform if isinstance(transform, BatchTransform) else WholeImage(transform)
+
+
+class TrainTransform(BatchTransform):
     """RandomResizedCrop(size, scale, bicubic) + ToTensor + Normalize, split per image/batch."""
 
     def __init__(self, size: int, aug: AugmentConfig):
@@ -54,6 +92,14 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.normalize(self.crop(img)[None])[0]
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        return self.crop(img)
+
+    def batch(self, images: list[torch.Tensor], alloc: Alloc) -> torch.Tensor:
+        """uint8 HWC crops -> float CHW, once per batch."""
+        h, w, c = images[0].shape
+        return self.normalize(torch.stack(images), out=alloc((len(images), c, h, w), torch.float32))
 
 
 def train_transform(size: int, aug: AugmentConfig) -> TrainTransform:

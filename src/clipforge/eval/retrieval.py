@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.data.eval_loader import EvalLoader
-from clipforge.data.pipeline import iter_shard, json_captions
+from clipforge.data.samples import json_captions
 from clipforge.data.shards import ShardSet
+from clipforge.data.tario import iter_samples
 from clipforge.engine.dist import all_gather_object
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -56,7 +57,7 @@ class CaptionedLoader(EvalLoader):
 def iter_captions(shards: ShardSet) -> Iterator[tuple[str, list[str]]]:
     """(key, captions) of every sample in shard order, without decoding any image."""
     for url in shards.urls:
-        for sample in iter_shard(url):
+        for sample in iter_samples(url):
             yield sample["__key__"], captions_of(sample)
 
 

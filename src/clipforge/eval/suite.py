@@ -21,8 +21,9 @@ from PIL import Image
 
 from clipforge.config import EvalConfig
 from clipforge.data.eval_loader import EvalLoader
-from clipforge.data.pipeline import IMAGE_EXTS, iter_shard
+from clipforge.data.samples import IMAGE_EXTS
 from clipforge.data.shards import ShardSet, SourceError, resolve
+from clipforge.data.tario import iter_samples
 from clipforge.eval import figures, retrieval, zeroshot
 from clipforge.logging import print0
 
@@ -206,7 +207,7 @@ def load_images(sset: ShardSet, keys: set[str]) -> dict[str, Image.Image]:
     """Decoded images of `keys`, reading shards in order and stopping once all are found."""
     found: dict[str, Image.Image] = {}
     for url in sset.urls:
-        for sample in iter_shard(url):
+        for sample in iter_samples(url):
             if sample["__key__"] in keys:
                 ext = next((e for e in IMAGE_EXTS if e in sample), None)
                 if ext is not None:
