@@ -6,7 +6,7 @@
 
 Every member is checked: images must decode fully, ``.txt`` must be UTF-8, ``.json`` must parse,
 ``.cls`` must be an integer, and every sample must hold an image member the trainer reads
-(``clipforge.data.samples.IMAGE_EXTS``: a ``.gif`` one is not trainable). With a manifest.json,
+(``clipforge.data.tario.IMAGE_EXTS``: a ``.gif`` one is not trainable). With a manifest.json,
 each shard's size, sha256 and sample count are compared with it. Exit code 0 when everything is
 valid, 1 when anything is not. ``--json`` prints at least ``samples``, ``shards``, ``invalid``
 (members that failed to check, and samples the trainer cannot read), ``bytes``, ``extensions``
@@ -33,7 +33,7 @@ from typing import Any
 import fsspec
 from PIL import Image
 
-from clipforge.data.samples import IMAGE_EXTS
+from clipforge.data.tario import IMAGE_EXTS
 from data_tools.layouts import split_member
 
 MAX_PROBLEMS = 20  # per shard: enough to see the pattern, not a flood

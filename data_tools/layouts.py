@@ -37,7 +37,7 @@ from data_tools.rows import (
 )
 
 # Image formats the converter reads as input (it re-encodes them); the members a finished shard
-# may hold are clipforge.data.samples.IMAGE_EXTS, which data_tools.inspect checks.
+# may hold are clipforge.data.tario.IMAGE_EXTS, which data_tools.inspect checks.
 INPUT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 # Fields of our own KEY.json that a re-shard recomputes; the rest travels on as extra columns.
 REGENERATED = {"key", "source", "caption", "captions", "width", "height", "sha256", "status"}

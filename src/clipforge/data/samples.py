@@ -1,8 +1,9 @@
 """One sample, from raw tar members to (image tensor, caption): which members hold the image,
 the caption a visit draws, and the error budget that counts what fails to decode.
 
-Shared by the training stream (stream.py) and the eval loader (eval_loader.py); IMAGE_EXTS is
-also what data_tools.inspect checks shards against, so it passes only shards the trainer reads.
+Shared by the training stream (stream.py) and the eval loader (eval_loader.py); the image
+members they read are tario.IMAGE_EXTS, also what data_tools.inspect checks shards against, so
+it passes only shards the trainer reads.
 
 Errors: a sample whose image fails to decode, or a shard that cannot be read (the rest of it
 counts as failed), is logged once per shard and counted (`loader.errors`, logged by the
@@ -28,9 +29,8 @@ from PIL import Image
 
 from clipforge.data.plan import AUGMENT, CAPTION, seed_for
 from clipforge.data.shards import SourceError
+from clipforge.data.tario import IMAGE_EXTS
 
-# The image members of a shard sample the trainer reads (KEY.jpg, ...), in order of preference.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Below this many samples read, an error rate says little (one bad sample of the first ten).
 MIN_SAMPLES_FOR_RATE = 100
 # A worker whose first samples all lack a caption reads image-only shards: say so at once.

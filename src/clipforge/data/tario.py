@@ -23,6 +23,11 @@ from typing import IO, Any
 
 import fsspec
 
+# The image members of a shard sample the trainer reads (KEY.jpg, ...), in order of preference:
+# the one list, also data_tools.inspect's test of a trainable shard (here, in a module without
+# torch, so that the data tools start fast).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
 # What a torn, truncated or garbage shard raises while it is being walked.
 READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 

@@ -21,9 +21,8 @@ from PIL import Image
 
 from clipforge.config import EvalConfig
 from clipforge.data.eval_loader import EvalLoader
-from clipforge.data.samples import IMAGE_EXTS
 from clipforge.data.shards import ShardSet, SourceError, resolve
-from clipforge.data.tario import iter_samples
+from clipforge.data.tario import IMAGE_EXTS, iter_samples
 from clipforge.eval import figures, retrieval, zeroshot
 from clipforge.logging import print0
 
