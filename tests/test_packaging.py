@@ -11,6 +11,7 @@ repository's src/ or conf/.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -37,9 +38,20 @@ SCRIPTS = [
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder the wheel was installed into (its bin/ holds the console scripts)."""
     dist, target = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("site")
+    # Built from a copy of the tracked files: an in-tree build leaves build/lib behind, whose
+    # stale modules (a file deleted since) the next wheel would still ship.
+    src = tmp_path_factory.mktemp("src") / "clipforge"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in files:
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(REPO)],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
         check=True,
         timeout=300,
     )
