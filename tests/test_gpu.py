@@ -11,7 +11,6 @@ run (module fixture) serves every test here: on a lent GPU machine the minutes a
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_data import CLASSNAMES, TRAIN_TEMPLATES, env, run, square, write_eval_set
+from eval_data import captioned_shards, env, write_eval_set
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVAL_EVERY, LOG_EVERY, BATCH = 40, 20, 5, 24
@@ -36,33 +35,11 @@ pytestmark = [
 ]
 
 
-def build_shards(work: Path) -> Path:
-    """60 squares, captions from eval_data's training templates -> 32 px shards + tokenizer."""
-    raw = work / "raw"
-    raw.mkdir(parents=True)
-    rows = []
-    for i in range(60):
-        colour = CLASSNAMES[i % 3]
-        square(colour, i).save(raw / f"{i:03d}.png")
-        caption = TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)].format(colour)
-        rows.append({"path": f"{i:03d}.png", "caption": caption})
-    with open(raw / "train.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
-    shards = work / "shards"
-    run("-m", "data_tools.convert", "--input", str(raw / "train.csv"), "--url-col", "path",
-        "--caption-col", "caption", "--output", str(shards), "--image-size", "32",
-        "--resize-mode", "center_crop", "--samples-per-shard", "30")  # fmt: skip
-    run("-m", "data_tools.tokenizer", "--input", str(shards), "--vocab-size", "48")
-    return shards
-
-
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     """(the finished torchrun process, its run directory): 40 steps of the tiny model."""
     work = tmp_path_factory.mktemp("gpu")
-    shards, evalset = build_shards(work), write_eval_set(work / "set")
+    shards, evalset = captioned_shards(work), write_eval_set(work / "set")
     run_dir = work / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
