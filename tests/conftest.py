@@ -23,5 +23,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"third-party test data not found at {SHARED_DATA} (../shared/data)")
+        msg = f"third-party test data not found at {SHARED_DATA} (../shared/data)"
+        if os.environ.get("CI", "").lower() == "true":  # CI has the data: missing is a failure
+            pytest.fail(msg)
+        pytest.skip(msg)
     return SHARED_DATA
