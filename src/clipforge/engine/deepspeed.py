@@ -22,6 +22,7 @@ import copy
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,33 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
+@dataclass
+class _Bound:
+    """A parameter kept in [low, high], with this rank's piece of its fp32 master when that is
+    a tensor we can clamp in place (None: the module's parameter is the master, or ZeRO-3
+    hands its partition out as a copy)."""
+
+    param: nn.Parameter
+    low: float
+    high: float
+    master: torch.Tensor | None
+
+
+def _local_master(p: nn.Parameter, stage0_masters: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """Found once at setup: the views stay valid, so each step's clamp costs no lookup (and,
+    under ZeRO-3, none of DeepSpeed's accessor's stream synchronizations)."""
+    if hasattr(p, "ds_id"):
+        first, again = safe_get_local_fp32_param(p), safe_get_local_fp32_param(p)
+        # A view into the fp32 flat partition comes back the same; an offloaded one is a copy.
+        if first is not None and first.data_ptr() == again.data_ptr():
+            return first
+        return None
+    mapping = getattr(p, "_hp_mapping", None)
+    if mapping is not None:  # ZeRO-1/2, bf16 optimizer: a view into the flat partition
+        return mapping.hp_fragment
+    return stage0_masters.get(id(p))
+
+
 class Engine:
     """One training step = forward, backward, step (over K chunks when accumulating); plus
     checkpoints and weight export."""
@@ -208,37 +236,38 @@ class Engine:
         return {"lr": lr, **self._report(loss, metrics)}
 
     # -- parameter bounds (CLIP's temperature cap) ---------------------------------------------
-    def _bounded_params(self, task: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
+    def _bounded_params(self, task: nn.Module) -> list[_Bound]:
         bounds = getattr(task, "param_bounds", dict)()
         params = dict(self.module.named_parameters())
         missing = sorted(set(bounds) - set(params))
         if missing:
             raise ValueError(f"param_bounds names unknown parameters: {missing}")
-        return [(params[name], lo, hi) for name, (lo, hi) in bounds.items()]
+        masters = self._stage0_masters()
+        return [
+            _Bound(params[k], lo, hi, _local_master(params[k], masters))
+            for k, (lo, hi) in bounds.items()
+        ]
 
     @torch.no_grad()
     def _apply_bounds(self) -> None:
         """Clamp the bounded parameters in every copy this rank holds: the module's (full under
         ZeRO 0-2, this rank's partition under ZeRO-3) and the optimizer's fp32 master (whole,
         a fragment of this rank's flat partition, or a ZeRO-3 partition). A clamp is
-        elementwise, so clamping each local piece is clamping the whole: no collective, and
-        the forward sees the bound value at once, not after the next step."""
-        for p, lo, hi in self._bounds:
+        elementwise, so clamping each local piece is clamping the whole: no collective, no host
+        sync, and the forward sees the bound value at once, not after the next step."""
+        for b in self._bounds:
+            p = b.param
             # ZeRO-3 keeps small parameters gathered between steps ("persistent"): both the
             # gathered data and the partition are the module's copies then.
             for lp in (p, getattr(p, "ds_tensor", None)):
                 if lp is not None and lp.numel():
-                    lp.data.clamp_(lo, hi)
-            if hasattr(p, "ds_id"):  # ZeRO-3: this rank's fp32 partition, through DeepSpeed
-                master = safe_get_local_fp32_param(p)
+                    lp.data.clamp_(b.low, b.high)
+            if b.master is not None:
+                b.master.clamp_(b.low, b.high)
+            elif hasattr(p, "ds_id"):  # a ZeRO-3 partition DeepSpeed hands out as a copy
+                master = safe_get_local_fp32_param(p)  # (offloaded: waits for the device)
                 if master is not None:
-                    safe_set_local_fp32_param(p, master.clamp(lo, hi))
-                continue
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:  # ZeRO-1/2, bf16 optimizer: a view into the flat partition
-                mapping.hp_fragment.clamp_(lo, hi)
-            elif id(p) in self._stage0_masters():
-                self._stage0_masters()[id(p)].clamp_(lo, hi)
+                    safe_set_local_fp32_param(p, master.clamp(b.low, b.high))
 
     def _stage0_masters(self) -> dict[int, torch.Tensor]:
         """ZeRO-0 in fp16/bf16: DeepSpeed's (unfused) fp16 optimizer keeps one fp32 clone per

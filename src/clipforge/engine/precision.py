@@ -34,8 +34,6 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 GRAD_REDUCE_DTYPES = ("fp32", "compute")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def supports(precision: str, device: torch.device) -> bool:
     """Whether `device` can train in `precision` (fp32 always)."""
@@ -88,7 +86,3 @@ def setup_matmul(device: torch.device, tf32: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    return _DTYPES[precision]
