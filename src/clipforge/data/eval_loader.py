@@ -1,7 +1,7 @@
 """The eval loader: every sample of a set once across all ranks, each rank reading only its own
 share, decoded by DataLoader workers, and every rank stepping the same number of times.
 
-    python -m clipforge.data.eval_loader SHARDS --world 8 --rank 3   # one rank's share, samples/s
+    python tests/bench/loader_rate.py SHARDS --eval --world 8 --rank 3   # one rank's share, samples/s
 
 Why a share per rank: at 512 ranks a loader that walks the whole set on every rank and keeps
 every W-th batch reads an ImageNet-val from shared storage 512 times. Here rank r reads:
@@ -26,12 +26,10 @@ it restores the global order on any world size (retrieval.embed_images does).
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import io
 import logging
 import random
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,7 +41,7 @@ from clipforge.data.samples import choose_caption, open_image
 from clipforge.data.shards import ShardSet
 from clipforge.data.tario import iter_samples
 from clipforge.data.workers import shared_empty, worker_context
-from clipforge.engine.dist import all_gather_object
+from clipforge.engine.dist import any_rank
 
 __all__ = ["EvalLoader"]
 
@@ -194,7 +192,7 @@ class EvalLoader:
             if mine and yielded >= self.per_rank:
                 raise RuntimeError(f"rank {self.rank} read more than its {self.per_rank} batches")
             return yielded < self.per_rank
-        return any(all_gather_object(mine))  # type: ignore[arg-type]
+        return any_rank(mine)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader = DataLoader(
@@ -228,38 +226,3 @@ def _cumsum(counts: list[int]) -> Iterator[int]:
     for c in counts:
         total += c
         yield total
-
-
-# -- a quick throughput check --------------------------------------------------------------------
-def _main() -> None:
-    from clipforge.config import AugmentConfig
-    from clipforge.data.shards import resolve
-    from clipforge.data.transforms import eval_transform
-
-    p = argparse.ArgumentParser(description="samples/s of one rank's share of an eval set")
-    p.add_argument("source")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--world", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--size", type=int, default=224)
-    a = p.parse_args()
-    loader = EvalLoader(
-        resolve(a.source),
-        eval_transform(a.size, AugmentConfig()),
-        a.batch,
-        a.rank,
-        a.world,
-        a.workers,
-    )
-    t0, n, steps = time.perf_counter(), 0, 0
-    for batch in loader:
-        steps += 1
-        n += 0 if batch["pad"] else len(batch["key"])
-    print(
-        f"rank {a.rank}/{a.world}: {steps} steps, {n} samples, {n / (time.perf_counter() - t0):.1f}/s"
-    )
-
-
-if __name__ == "__main__":
-    _main()
