@@ -55,6 +55,9 @@ class ModelConfig:
     # The logit scale is learned in log space; CLIP starts at 1/0.07 and caps the scale at 100.
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
+    # A learned logit bias, for the sigmoid loss (conf/loss/siglip.yaml starts it at -10, the
+    # scale at 10, as the SigLIP paper). None: no bias (the softmax loss is blind to one).
+    init_logit_bias: Optional[float] = None
     grad_checkpointing: bool = False
 
 
@@ -94,7 +97,11 @@ class DataConfig:
 @dataclass
 class LossConfig:
     # clip: softmax cross-entropy over the gathered N x N matrix, computed in local form.
+    # siglip: the pairwise sigmoid loss (needs model.init_logit_bias; conf/loss/siglip.yaml).
     kind: str = "clip"
+    # siglip across ranks: ring (texts passed round the ranks, O(B^2) memory per rank) or
+    # gather (all texts at once, O(B x N)). The softmax loss always gathers.
+    dist_impl: str = "ring"
 
 
 @dataclass
@@ -348,6 +355,32 @@ def _image_tower_problems(model: ModelConfig) -> list[str]:
 _DATA_MODES = ("resampled", "epoch")
 
 
+LOSS_KINDS = ("clip", "siglip")
+SIGLIP_DIST_IMPLS = ("ring", "gather")
+
+
+def _loss_problems(cfg: Config) -> list[str]:
+    kind, bias = cfg.loss.kind, cfg.model.init_logit_bias
+    if kind not in LOSS_KINDS:
+        return [f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}"]
+    problems = []
+    if cfg.loss.dist_impl not in SIGLIP_DIST_IMPLS:
+        problems.append(
+            f"loss.dist_impl must be one of {', '.join(SIGLIP_DIST_IMPLS)}, got "
+            f"{cfg.loss.dist_impl!r}"
+        )
+    if kind == "siglip" and bias is None:
+        problems.append(
+            "loss.kind=siglip needs a learned bias: set model.init_logit_bias (SigLIP: -10), "
+            "or select the whole recipe with loss=siglip"
+        )
+    if kind == "clip" and bias is not None:
+        # The softmax is invariant to a constant added to every logit: the bias would never
+        # get a gradient, which ZeRO's gradient partitioning does not allow.
+        problems.append("model.init_logit_bias is only for loss.kind=siglip: set it to null")
+    return problems
+
+
 def _data_problems(data: DataConfig) -> list[str]:
     """data.* checks beyond the types (the loader itself checks what needs the shards)."""
     problems = []
@@ -451,7 +484,6 @@ def validate(cfg: Config, world_size: int = 1, device: Any = None) -> None:
     if world_size < 1:
         problems.append(f"world size must be >= 1, got {world_size}")
     problems += eval_problems(cfg.eval)
-    if cfg.loss.kind not in ("clip",):
-        problems.append(f"loss.kind must be 'clip', got {cfg.loss.kind!r}")
+    problems += _loss_problems(cfg)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))

@@ -46,13 +46,18 @@ class TrainTask(Protocol):
 
 
 class ContrastiveTask(nn.Module):
-    # The temperature is one value for the whole batch: accumulation must count it once.
-    shared_outputs: tuple[str, ...] = ("logit_scale",)
+    """A two-tower model and a loss over its outputs: the softmax (ContrastiveLoss) or the
+    sigmoid (SigLipLoss) loss, whose `loss_and_metrics` takes the model's output dict."""
 
     def __init__(self, model: nn.Module, loss: nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
+        # The temperature (and the sigmoid loss's bias) is one value for the whole batch:
+        # accumulation must count it once.
+        self.shared_outputs: tuple[str, ...] = ("logit_scale",) + (
+            ("logit_bias",) if getattr(model, "logit_bias", None) is not None else ()
+        )
 
     def embed(self, batch: Batch) -> dict[str, Tensor]:
         return self.model(batch["image"].to(self.compute_dtype), batch["text"])
@@ -66,9 +71,10 @@ class ContrastiveTask(nn.Module):
     def loss_from(self, embeddings: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # The loss runs in fp32 whatever the towers' precision: it is [B, N] small next to the
         # towers, and a bf16 softmax over N logits loses the small negatives' gradients.
+        # The metrics are the loss's own (accuracies, per-direction or per-sign losses, scale,
+        # bias), detached; the engine reads them back only on the steps that log.
         out = {k: v.float() for k, v in embeddings.items()}
-        loss = self.loss(**out)
-        return loss, {"logit_scale": out["logit_scale"].detach().mean()}
+        return self.loss.loss_and_metrics(**out)
 
     def forward(
         self, batch: Batch, embed_only: bool = False

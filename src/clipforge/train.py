@@ -29,7 +29,7 @@ from clipforge.data.transforms import eval_transform, train_transform
 from clipforge.engine import dist, precision
 from clipforge.eval import suite
 from clipforge.logging import Throughput, build_logger, memory_stats, print0, setup_console
-from clipforge.loss import ContrastiveLoss
+from clipforge.loss import build_loss
 from clipforge.model import build_model
 from clipforge.model.clip import vocab_problem
 from clipforge.preempt import Preemption
@@ -234,7 +234,7 @@ def run(raw: DictConfig) -> None:
     # every run of this seed; then a per-rank stream, so ranks draw different dropout masks.
     ckpt.seed_all(cfg.train.seed)
     model = build_model(cfg.model, vocab_size=vocab)
-    engine = dist_engine(ContrastiveTask(model, ContrastiveLoss()), cfg, info)
+    engine = dist_engine(ContrastiveTask(model, build_loss(cfg.loss)), cfg, info)
     ckpt.seed_all(cfg.train.seed + 1 + info.rank)
     print0(
         f"world_size={info.world_size} ranks_per_node={info.local_world_size} "

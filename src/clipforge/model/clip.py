@@ -2,7 +2,8 @@
 
 The forward returns the loss's arguments by name (model -> loss contract in ARCHITECTURE.md):
 `{"image_features", "text_features", "logit_scale"}`, features L2-normalized and
-`logit_scale` the multiplier for the cosine similarities (not its logarithm). Nothing here
+`logit_scale` the multiplier for the cosine similarities (not its logarithm); a model built
+with `init_logit_bias` (the sigmoid loss's) adds `"logit_bias"`, learned like the scale. Nothing here
 knows about processes or DeepSpeed: the same module runs on a laptop and under ZeRO-3.
 
 Precision (engine/precision.py): the towers run in whatever dtype their weights have; the
@@ -27,7 +28,8 @@ from clipforge.model.text_tower import TextTower
 
 
 class CLIP(nn.Module):
-    """Two towers into one embed_dim space, plus a learned log temperature."""
+    """Two towers into one embed_dim space, plus a learned log temperature (and, for the
+    sigmoid loss, a learned logit bias)."""
 
     def __init__(
         self,
@@ -35,6 +37,7 @@ class CLIP(nn.Module):
         text: nn.Module,
         init_logit_scale: float,
         max_logit_scale: float,
+        init_logit_bias: float | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
@@ -43,6 +46,10 @@ class CLIP(nn.Module):
         # Learned in log space so the multiplier stays positive whatever the optimizer does.
         self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
         self.max_logit_scale = float(max_logit_scale)
+        # Shape [1] for the same reason. None: the softmax loss, which no bias can change.
+        self.logit_bias = (
+            None if init_logit_bias is None else nn.Parameter(torch.full([1], float(init_logit_bias)))
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory in both towers."""
@@ -73,12 +80,16 @@ class CLIP(nn.Module):
         return {"logit_scale": (0.0, math.log(self.max_logit_scale))}
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images and token ids -> {"image_features", "text_features", "logit_scale"}."""
-        return {
+        """Images and token ids -> {"image_features", "text_features", "logit_scale"} and
+        "logit_bias" (float32, shape [1]) when the model has one."""
+        out = {
             "image_features": self.encode_image(image),
             "text_features": self.encode_text(text),
             "logit_scale": self.scale(),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias.float()
+        return out
 
 
 def vocab_problem(configured: int, tokenizer_vocab: int | None) -> str | None:
@@ -118,7 +129,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
         embed_dim=cfg.embed_dim,
         mlp_ratio=text_cfg.mlp_ratio,
     )
-    model = CLIP(visual, text, cfg.init_logit_scale, cfg.max_logit_scale)
+    model = CLIP(visual, text, cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
