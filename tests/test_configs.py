@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,30 @@ def test_deepspeed_keys_we_pass_on_are_deepspeeds():
     )
     for key in DS_SECTIONS:
         assert f'"{key}"' in sources, key
+
+
+def test_loss_siglip_selects_the_sigmoid_loss_and_its_bias():
+    cfg = _compose("loss=siglip", "data.train=x")
+    assert (cfg.loss.kind, cfg.loss.dist_impl) == ("siglip", "ring")
+    assert cfg.model.init_logit_scale == pytest.approx(math.log(10))
+    assert cfg.model.init_logit_bias == -10.0
+    validate(cfg)
+    assert _compose("loss=siglip", "loss.dist_impl=gather", "data.train=x").loss.dist_impl == (
+        "gather"
+    )
+    # The softmax default has no bias.
+    assert _compose("data.train=x").model.init_logit_bias is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["loss.kind=siglip"], "loss.kind=siglip needs a learned bias"),
+        (["model.init_logit_bias=-10"], "model.init_logit_bias is only for loss.kind=siglip"),
+        (["loss=siglip", "loss.dist_impl=bidir"], "loss.dist_impl must be one of ring, gather"),
+        (["loss.kind=sigmoid"], "loss.kind must be one of clip, siglip"),
+    ],
+)
+def test_loss_choices_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_compose(*overrides, "data.train=x"))

@@ -12,6 +12,7 @@ smooth function of the gradient, so equal changes mean equal gradients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 
@@ -33,7 +34,7 @@ from clipforge.data.synthetic import SyntheticLoader
 from clipforge.engine.accumulate import split_batch
 from clipforge.engine.optim import lr_lambda, param_groups
 from clipforge.engine.precision import supports
-from clipforge.loss import ContrastiveLoss
+from clipforge.loss import ContrastiveLoss, SigLipLoss
 from clipforge.model import build_model
 from clipforge.task import ContrastiveTask
 
@@ -81,8 +82,15 @@ def engine_cfg(stage: int = 0, **train) -> Config:
     return cfg
 
 
-def make_task(model_cfg: ModelConfig, seed: int = 0) -> ContrastiveTask:
+def make_task(model_cfg: ModelConfig, seed: int = 0, loss: str = "clip") -> ContrastiveTask:
+    """The tiny task with the softmax loss, or with loss="siglip" the sigmoid loss (ring form)
+    and a model with SigLIP's learned bias."""
     torch.manual_seed(seed)
+    if loss == "siglip":
+        model_cfg = dataclasses.replace(
+            model_cfg, init_logit_scale=math.log(10.0), init_logit_bias=-10.0
+        )
+        return ContrastiveTask(build_model(model_cfg), SigLipLoss(dist_impl="ring"))
     return ContrastiveTask(build_model(model_cfg), ContrastiveLoss())
 
 
@@ -114,7 +122,7 @@ def reference_grads(task: ContrastiveTask, batch, world: int, seed: int) -> dict
     torch.manual_seed(seed)
     outs = [task.embed(c) for c in split_batch(batch, CHUNKS)]
     joined = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
-    joined["logit_scale"] = outs[0]["logit_scale"]
+    joined.update({k: outs[0][k] for k in task.shared_outputs})
     task.loss_from(joined)[0].backward()
     grads = {}
     for name, p in task.named_parameters():
@@ -181,13 +189,13 @@ def test_split_batch_needs_equal_chunks() -> None:
 # ----------------------------------------------------------------------------- accumulation
 
 
-def _gradcache_worker(rank: int, world: int) -> dict[str, float]:
+def _gradcache_worker(rank: int, world: int, loss: str = "clip") -> dict[str, float]:
     """ZeRO-0 engine with K=4 cached-embedding chunks and every dropout on, against the
     one-backward reference; then the same with the RNG replay switched off (must differ)."""
     from clipforge.engine import accumulate
 
     mcfg = tiny_model_cfg(dropout=True)
-    task = make_task(mcfg)
+    task = make_task(mcfg, loss=loss)
     ref = copy.deepcopy(task)
     cfg = engine_cfg(0, accum_chunks=CHUNKS)
     cfg.model = mcfg
@@ -205,7 +213,11 @@ def _gradcache_worker(rank: int, world: int) -> dict[str, float]:
     out["diff"] = max_diff(got, want)
     out["scale_grad"] = got["model.logit_scale"].item()
     out["want_scale_grad"] = want["model.logit_scale"].item()
+    if "model.logit_bias" in want:
+        out["bias_grad"] = got["model.logit_bias"].item()
+        out["want_bias_grad"] = want["model.logit_bias"].item()
     out["loss"] = metrics["loss"]
+    out["metrics"] = metrics
 
     # Without the replay the second pass draws new masks: the gradients must then be wrong.
     ref.zero_grad()
@@ -224,6 +236,7 @@ def _gradcache_worker(rank: int, world: int) -> dict[str, float]:
 def _one_process_worker(rank: int, world: int, ckpt_dir: str) -> dict[str, object]:
     """Every single-process scenario in one spawn: DeepSpeed's start-up is the main cost."""
     out: dict[str, object] = {"gradcache": _gradcache_worker(rank, world)}
+    out["gradcache siglip"] = _gradcache_worker(rank, world, "siglip")
     out["clip"] = _clip_worker(rank, world)
     for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16")):
         out[f"bounds {stage}-{precision}"] = _bounds_worker(rank, world, stage, precision)
@@ -243,8 +256,10 @@ def _one_process_worker(rank: int, world: int, ckpt_dir: str) -> dict[str, objec
 
 def _two_process_worker(rank: int, world: int) -> dict[str, object]:
     out: dict[str, object] = {"gradcache": _gradcache_worker(rank, world)}
+    out["gradcache siglip"] = _gradcache_worker(rank, world, "siglip")
     for stage in (2, 3):
         out[f"zero{stage}"] = _zero_worker(rank, world, stage)
+        out[f"zero{stage} siglip"] = _zero_worker(rank, world, stage, "siglip")
     for stage, precision in ((2, "bf16"), (3, "fp32"), (3, "bf16")):
         out[f"bounds {stage}-{precision}"] = _bounds_worker(rank, world, stage, precision)
         out[f"export {stage}-{precision}"] = _export_worker(rank, world, stage, precision)
@@ -273,16 +288,36 @@ def test_gradcache_gradients_equal_whole_batch_two_processes(two_processes) -> N
     _check_gradcache(two_processes)
 
 
-def _check_gradcache(results: list[dict[str, object]]) -> None:
-    for r in (res["gradcache"] for res in results):
+@pytest.mark.multiproc
+def test_gradcache_with_siglip_counts_scale_and_bias_once_one_process(one_process) -> None:
+    _check_gradcache([one_process], "gradcache siglip")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_gradcache_with_siglip_ring_two_processes(two_processes) -> None:
+    _check_gradcache(two_processes, "gradcache siglip")
+
+
+def _check_gradcache(results: list[dict[str, object]], key: str = "gradcache") -> None:
+    for r in (res[key] for res in results):
         assert r["diff"] < 1e-5, r
         # The temperature is counted once: K-fold would be off by a factor of 4.
         assert r["scale_grad"] == pytest.approx(r["want_scale_grad"], rel=1e-4, abs=1e-7)
+        if key.endswith("siglip"):  # and so is the bias
+            assert abs(r["want_bias_grad"]) > 1e-3
+            assert r["bias_grad"] == pytest.approx(r["want_bias_grad"], rel=1e-4, abs=1e-7)
+            # The sigmoid loss's own metrics reach the engine's report.
+            m = r["metrics"]
+            assert m["logit_bias"] == pytest.approx(-10.0, abs=0.1)
+            assert {"acc_i2t", "acc_t2i", "positive_logit", "negative_logit"} <= m.keys()
+        else:
+            assert {"acc_i2t", "acc_t2i", "loss_i2t", "loss_t2i"} <= r["metrics"].keys()
         assert math.isfinite(r["loss"])
         assert r["diff_without_replay"] > 1e-3, r  # the test can tell a missing replay
 
 
-def _zero_worker(rank: int, world: int, stage: int) -> dict[str, object]:
+def _zero_worker(rank: int, world: int, stage: int, loss: str = "clip") -> dict[str, object]:
     """One step under ZeRO-`stage`: K=1 vs K=4 gradcache with gradient checkpointing, and K=4
     plain accumulation (weaker: its loss only sees a chunk's negatives)."""
     batch = batch_for(rank)
@@ -294,7 +329,7 @@ def _zero_worker(rank: int, world: int, stage: int) -> dict[str, object]:
     ):
         cfg = engine_cfg(stage, **train)
         cfg.model = tiny_model_cfg(grad_checkpointing=ckpt)
-        engine = make_engine(make_task(cfg.model), cfg)
+        engine = make_engine(make_task(cfg.model, loss=loss), cfg)
         before = full_params(engine)
         metrics = engine.train_step(batch)
         after = full_params(engine)
@@ -310,16 +345,19 @@ def _zero_worker(rank: int, world: int, stage: int) -> dict[str, object]:
 @pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_gradcache_step_equals_whole_batch_step(two_processes, stage: int) -> None:
-    for r in (res[f"zero{stage}"] for res in two_processes):
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_zero_gradcache_step_equals_whole_batch_step(two_processes, stage: int, loss: str) -> None:
+    key = f"zero{stage}" + (" siglip" if loss == "siglip" else "")
+    for r in (res[key] for res in two_processes):
         whole, cached, plain = r["whole"], r["gradcache"], r["plain"]
         assert whole["zero_stage"] == stage
         assert cached["loss"] == pytest.approx(whole["loss"], abs=1e-6)
         assert cached["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
         assert max_diff(cached["delta"], whole["delta"]) < 1e-5
         assert max(d.abs().max().item() for d in whole["delta"].values()) > 1e-3
-        # Random features: the loss is about log(negatives); plain has 4x fewer of them.
-        assert plain["loss"] < whole["loss"] - 0.5
+        if loss == "clip":
+            # Random features: the loss is about log(negatives); plain has 4x fewer of them.
+            assert plain["loss"] < whole["loss"] - 0.5
 
 
 # ----------------------------------------------------------------------------- temperature cap

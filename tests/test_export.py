@@ -10,6 +10,7 @@ tokenizer's EOS id (3, not the largest id) as the pooling position.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def test_tiny_run_exports_a_folder_open_clip_builds(tmp_path: Path) -> None:
     assert config["model_cfg"]["text_cfg"]["pool_type"] == "eos"
     assert config["model_cfg"]["text_cfg"]["eos_id"] == 3
     theirs = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}")
+    compare(ours, theirs, cfg.image.image_size, tokens(2, cfg.text.context_length, 512, eos=3))
+
+
+def test_siglip_run_exports_its_bias_to_open_clip(tmp_path: Path) -> None:
+    """A model trained with loss=siglip keeps its learned bias through the export: open_clip
+    builds the parameter from the config and loads the trained value (strict)."""
+    cfg = model_cfg("tiny", 512)
+    cfg.init_logit_scale, cfg.init_logit_bias = math.log(10), -10.0
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    with torch.no_grad():
+        ours.logit_bias.fill_(-7.25)  # a trained value, not the init
+    run = tmp_path / "run"
+    run.mkdir()
+    export_weights(run, {f"model.{k}": v for k, v in ours.state_dict().items()}, step=1)
+    OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(cfg)}), run / "config.yaml")
+    assert main([str(run), "--out", str(tmp_path / "oc")]) == 0
+    theirs = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}")
+    assert theirs.logit_bias.item() == -7.25
     compare(ours, theirs, cfg.image.image_size, tokens(2, cfg.text.context_length, 512, eos=3))
 
 

@@ -302,3 +302,25 @@ def test_image_init_validated() -> None:
     cfg.model.image.init = "xavier"
     with pytest.raises(ConfigError, match="model.image.init='xavier' is not one of clip, timm"):
         validate(cfg)
+
+
+def test_siglip_bias_is_a_learned_parameter_returned_beside_the_scale():
+    cfg = load_cfg("tiny")
+    assert "logit_bias" not in build_model(cfg, vocab_size=VOCAB)(*_inputs(cfg))
+    cfg.init_logit_scale, cfg.init_logit_bias = math.log(10), -10.0
+    model = build_model(cfg, vocab_size=VOCAB)
+    assert model.logit_bias.shape == (1,)  # [1], not 0-dim: ZeRO partitions it
+    out = model(*_inputs(cfg))
+    assert out["logit_bias"].dtype == torch.float32 and out["logit_bias"].item() == -10.0
+    assert out["logit_scale"].item() == pytest.approx(10.0)
+    assert "logit_bias" in dict(model.named_parameters())
+    # bf16 towers: the bias reaches the loss in float32 like the scale.
+    assert model.bfloat16()(*_inputs(cfg, torch.bfloat16))["logit_bias"].dtype == torch.float32
+
+
+def _inputs(cfg, dtype=torch.float32):
+    size = cfg.image.image_size
+    return (
+        torch.randn(2, 3, size, size, dtype=dtype),
+        torch.randint(0, VOCAB, (2, cfg.text.context_length)),
+    )

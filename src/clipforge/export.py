@@ -66,6 +66,7 @@ _TEXT: list[Rule] = [
     (r"text\.ln_final\.(weight|bias)", r"ln_final.\1", None),
     (r"text\.text_projection\.weight", "text_projection", _t),
     (r"logit_scale", "logit_scale", lambda x: x.reshape(())),
+    (r"logit_bias", "logit_bias", lambda x: x.reshape(())),  # SigLIP's (open_clip: 0-dim)
 ]  # fmt: skip
 
 _VIT: list[Rule] = [
@@ -160,7 +161,11 @@ def open_clip_model_cfg(cfg: ModelConfig, eos_id: int | None) -> dict[str, Any]:
     trunk = model.visual.trunk
     kind = image_kind(dict(model.state_dict()))
     vision_cfg = _vit_cfg(trunk, cfg) if kind == "vit" else _resnet_cfg(trunk, cfg)
-    return {"embed_dim": cfg.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    out = {"embed_dim": cfg.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if cfg.init_logit_bias is not None:
+        # open_clip creates its logit_bias parameter only when the config names one.
+        out.update(init_logit_scale=cfg.init_logit_scale, init_logit_bias=cfg.init_logit_bias)
+    return out
 
 
 def _vit_cfg(trunk: torch.nn.Module, cfg: ModelConfig) -> dict[str, Any]:
