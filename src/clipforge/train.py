@@ -183,9 +183,10 @@ def train_loop(
             rates = meter.read()
             rates["samples_per_s_per_gpu"] = rates["samples_per_s"] / info.world_size
             logger.log(step, {**metrics, **rates, **memory_stats(), **loader.metrics()})
+            bias = f"bias {metrics['logit_bias']:.2f} " if "logit_bias" in metrics else ""
             print0(
                 f"step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
-                f"lr {metrics['lr']:.2e} scale {metrics['logit_scale']:.2f} "
+                f"lr {metrics['lr']:.2e} scale {metrics['logit_scale']:.2f} {bias}"
                 f"{rates['samples_per_s']:.1f} samples/s"
             )
             last_logged = step
