@@ -48,7 +48,9 @@ class CLIP(nn.Module):
         self.max_logit_scale = float(max_logit_scale)
         # Shape [1] for the same reason. None: the softmax loss, which no bias can change.
         self.logit_bias = (
-            None if init_logit_bias is None else nn.Parameter(torch.full([1], float(init_logit_bias)))
+            None
+            if init_logit_bias is None
+            else nn.Parameter(torch.full([1], float(init_logit_bias)))
         )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
