@@ -1,4 +1,5 @@
-"""All-gather with gradient: the only torch.distributed calls outside engine/.
+"""All-gather with gradient: with siglip.py's ring exchange, the only torch.distributed calls
+outside engine/.
 
 The contrastive loss needs every rank's embeddings to build its rows of the global N x N
 similarity matrix, and it needs gradients to flow back through the gather to the rank that
