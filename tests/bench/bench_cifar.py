@@ -62,6 +62,7 @@ SEEDS = [int(x) for x in os.environ.get("BENCH_SEEDS", "0,1").split(",")]
 LOSSES = os.environ.get("BENCH_LOSSES", "clip,siglip").split(",")
 RECIPE = "cifar10_15min"
 TARGET_TOP1 = 0.70
+MERGE = os.environ.get("BENCH_MERGE", "0") == "1"
 DOC = REPO / "docs" / "benchmarks.md"
 
 CLASSES = [
@@ -518,7 +519,8 @@ def render(results: dict) -> str:
         "Reproduce: `.venv/bin/python tests/bench/bench_cifar.py` (`BENCH_SECONDS`, default "
         "900, the recipe's budget; `BENCH_SEEDS=0,1`; `BENCH_COMPARE_SECONDS`, default the "
         "same, per comparison run; `BENCH_LOSSES=clip,siglip`; "
-        "`BENCH_SYSTEMS=recipe,ours,open_clip,coco`), or `.venv/bin/python -m pytest -q -s "
+        "`BENCH_SYSTEMS=recipe,ours,open_clip,coco`; `BENCH_MERGE=1` keeps the parts an "
+        "earlier invocation measured), or `.venv/bin/python -m pytest -q -s "
         "tests/bench/bench_cifar.py`, which also asserts the recipe's mean top-1 >= 70 % and "
         "ours >= open_clip top-1 per loss (1 point of slack). Data, venvs and runs are cached "
         "in .bench/.",
@@ -602,7 +604,12 @@ def main() -> dict:
     if "coco" in SYSTEMS:
         results["coco"] = coco_retrieval(min(SECONDS, 120))
         print("coco", results["coco"], flush=True)
-    (WORK / "results.json").write_text(json.dumps(results, indent=1))
+    saved = WORK / "results.json"
+    if MERGE and saved.is_file():
+        # Parts measured by an earlier invocation (BENCH_SYSTEMS=recipe, then =ours,open_clip)
+        # stay in the report unless this one measured them again.
+        results = {**json.loads(saved.read_text()), **{k: v for k, v in results.items() if v}}
+    saved.write_text(json.dumps(results, indent=1))
     write_doc(results)
     print(f"done in {time.perf_counter() - t0:.0f} s; section written to {DOC}")
     return results
