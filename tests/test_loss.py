@@ -547,9 +547,7 @@ def test_siglip_ring_equals_gather(siglip_distributed) -> None:
         for dtype in (torch.float64, torch.float32):
             ring, gathered = out[f"siglip ring {dtype}"], out[f"siglip gather {dtype}"]
             tol = TOL[dtype]
-            torch.testing.assert_close(ring["loss"], gathered["loss"], atol=tol, rtol=0)
-            for a, b in zip(ring["grads"], gathered["grads"], strict=True):
-                torch.testing.assert_close(a, b, atol=tol, rtol=0)
+            _assert_same_loss_and_grads(ring, gathered, tol)
             assert ring["metrics"].keys() == gathered["metrics"].keys()
             for name, value in ring["metrics"].items():
                 expected = gathered["metrics"][name]
@@ -565,10 +563,13 @@ def test_siglip_matches_open_clip_distributed(distributed) -> None:
     for out in results:
         for dtype in (torch.float64, torch.float32):
             ours, theirs = out[f"siglip ring {dtype}"], out[f"siglip open_clip {dtype}"]
-            tol = TOL[dtype]
-            torch.testing.assert_close(ours["loss"], theirs["loss"], atol=tol, rtol=0)
-            for a, b in zip(ours["grads"], theirs["grads"], strict=True):
-                torch.testing.assert_close(a, b, atol=tol, rtol=0)
+            _assert_same_loss_and_grads(ours, theirs, TOL[dtype])
+
+
+def _assert_same_loss_and_grads(a: dict, b: dict, tol: float) -> None:
+    torch.testing.assert_close(a["loss"], b["loss"], atol=tol, rtol=0)
+    for ga, gb in zip(a["grads"], b["grads"], strict=True):
+        torch.testing.assert_close(ga, gb, atol=tol, rtol=0)
 
 
 @pytest.mark.multiproc
