@@ -20,9 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save, save_file
 from test_export import model_cfg, tokens
+from test_train import _ok, train
 
 from clipforge import init_from
-from clipforge.checkpoint import export_weights
+from clipforge.checkpoint import export_weights, load_exported
 from clipforge.config import ConfigError, ModelConfig
 from clipforge.export import main as export_main
 from clipforge.export import open_clip_model_cfg
@@ -238,3 +239,75 @@ def test_unreadable_or_foreign_files_are_one_line(tmp_path: Path) -> None:
     resnet = model_cfg("resnet_tiny", VOCAB)
     with pytest.raises(ConfigError, match="no open_clip layout"):
         load(model(resnet, seed=1), oc)
+
+
+def test_a_resumed_run_takes_its_weights_from_its_checkpoint(tmp_path: Path) -> None:
+    """init_from is read only for a fresh start: a resume never needs the file again."""
+    from clipforge.checkpoint import mark_complete
+    from clipforge.config import Config
+    from clipforge.train import read_init
+
+    cfg = Config(run_dir=str(tmp_path / "run"), resume="latest")
+    cfg.model.init_from = str(tmp_path / "moved_away.safetensors")
+    with pytest.raises(FileNotFoundError, match="moved_away"):
+        read_init(cfg)  # nothing to resume yet: the file is read (and is missing)
+    (tmp_path / "run" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    mark_complete(tmp_path / "run" / "checkpoints", "step_00000002", world_size=1)
+    assert read_init(cfg) is None
+
+
+# -- end to end ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained run: one step from the smoke recipe, then its exported weights."""
+    run = tmp_path_factory.mktemp("init") / "source"
+    _ok(train(run, "experiment=smoke_cpu", "train.steps=1", "model.init_logit_scale=2.0"))
+    return run
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_zero3_two_ranks_start_from_the_export_bit_for_bit(source_run: Path, tmp_path: Path):
+    """A new 2-rank ZeRO-3 run from the source's export: with lr 1e-30 its one step moves no
+    weight by a representable amount (only the few exact zeros, attention key biases whose
+    gradient is zero up to rounding, move by ~1e-35), so its own export must equal the
+    source's bit for bit, which holds only if every rank loaded the weights before ZeRO-3
+    partitioned them."""
+    run = tmp_path / "run"
+    proc = train(
+        run,
+        "experiment=smoke_cpu",
+        "deepspeed=zero3",
+        "train.steps=1",
+        "optim.lr=1e-30",
+        f"model.init_from={source_run / 'model.safetensors'}",
+        nproc=2,
+    )
+    _ok(proc)
+    assert f"initialized from {source_run / 'model.safetensors'} (clipforge, " in proc.stdout
+    got, _ = load_exported(run)
+    want, _ = load_exported(source_run)
+    assert_same(got, want, atol=1e-30)
+    assert want["logit_scale"].item() != pytest.approx(2.0, abs=1e-6)  # trained, not the init
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_wrong_architecture_stops_the_run_in_one_line(source_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    proc = train(
+        run,
+        "experiment=smoke_cpu",
+        "model.text.layers=2",
+        "model.text.width=64",
+        f"model.init_from={source_run}",
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "unexpected 24: text.resblocks.{2..3}.*" in errors[0], errors[0]
+    assert "shape mismatch" in errors[0] and "text.ln_final.weight [128] vs [64]" in errors[0]
+    # What any config error found once the model is built leaves (the tokenizer check's
+    # precedent): hydra's and the run's config snapshot, no checkpoint, no weights.
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "config.yaml", "meta.json"]
