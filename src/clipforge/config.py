@@ -59,6 +59,17 @@ class ModelConfig:
     # scale at 10, as the SigLIP paper). None: no bias (the softmax loss is blind to one).
     init_logit_bias: Optional[float] = None
     grad_checkpointing: bool = False
+    # Start from existing weights instead of from scratch (clipforge/init_from.py): a run's
+    # model.safetensors (or the run directory), or an open_clip CLIP checkpoint of the same
+    # architecture (open_clip_model.safetensors, or a torch file as open_clip_train saves it,
+    # read with weights_only). Any fsspec URL; the format is told from the tensor names. The
+    # file's values replace every init above, the temperature included. Ignored when the run
+    # resumes from a checkpoint of its own. None: from scratch.
+    init_from: Optional[str] = None
+    # Every tensor of the model must come from init_from with its shape and every tensor there
+    # must be used, else the run stops naming the missing, unexpected and mismatched ones;
+    # false loads what fits and logs what stayed at its init.
+    init_strict: bool = True
 
 
 @dataclass

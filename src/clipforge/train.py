@@ -3,6 +3,7 @@
     python -m clipforge.train experiment=smoke_cpu run_dir=/tmp/smoke
     torchrun --nproc_per_node 2 -m clipforge.train data.train=shards/ run_dir=runs/a
     ... resume=latest            # continue the newest checkpoint in run_dir
+    ... model.init_from=runs/a   # start from a run's (or open_clip's) weights, not from scratch
 
 Configuration: conf/train.yaml and its groups, typed by clipforge/config.py.
 """
@@ -20,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge import checkpoint as ckpt
+from clipforge import init_from
 from clipforge.config import Config, ConfigError, register, validate
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.synthetic import SyntheticLoader
@@ -107,6 +109,13 @@ def export(engine, cfg: Config, info: dist.DistInfo, step: int) -> None:
         path = ckpt.export_weights(Path(cfg.run_dir), sd, step)
         print0(f"exported fp32 weights to {path}")
     dist.barrier()
+
+
+def read_init(cfg: Config) -> init_from.Source | None:
+    """model.init_from's weights, unless the run resumes (its checkpoint holds the weights)."""
+    if not cfg.model.init_from or ckpt.resolve_resume(cfg.run_dir, cfg.resume) is not None:
+        return None
+    return init_from.read(cfg.model.init_from)
 
 
 def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
@@ -223,6 +232,7 @@ def run(raw: DictConfig) -> None:
             "or choose a new run_dir"
         )
     shards = None if cfg.data.synthetic else resolve(cfg.data.train)
+    init = read_init(cfg)  # before anything is written: a missing or unreadable file stops here
     if info.is_main:
         ckpt.snapshot_run(run_dir, raw, info.world_size)
     dist.barrier()
@@ -235,6 +245,9 @@ def run(raw: DictConfig) -> None:
     # every run of this seed; then a per-rank stream, so ranks draw different dropout masks.
     ckpt.seed_all(cfg.train.seed)
     model = build_model(cfg.model, vocab_size=vocab)
+    if init is not None:  # into the full module on every rank: ZeRO-3 partitions it next
+        print0(init_from.load_into(model, init, cfg.model.init_strict))
+        del init
     engine = dist_engine(ContrastiveTask(model, build_loss(cfg.loss)), cfg, info)
     ckpt.seed_all(cfg.train.seed + 1 + info.rank)
     print0(
