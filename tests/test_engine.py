@@ -719,3 +719,60 @@ def test_compile_under_zero2_matches_eager() -> None:
             eager, compiled = r[f"eager{mode}"]["losses"], r[f"compiled{mode}"]["losses"]
             assert compiled == pytest.approx(eager, abs=1e-4), (mode, eager, compiled)
             assert eager[0] != eager[-1]  # the steps moved the weights
+
+
+# -- ZeRO-1/2 alone: DeepSpeed's gradient reduction is skipped (engine/deepspeed.py) --------------
+LONE_CASES = [(2, "fp32", 1, "gradcache"), (2, "fp32", 2, "plain"), (1, "bf16", 2, "gradcache")]
+
+
+def _lone_reduction_worker(rank: int, world: int) -> dict[str, object]:
+    """Three steps per case, with the engine's skip of the one-process reduction and with
+    DeepSpeed's own path (the skip switched off), from the same weights and dropout draws."""
+    import clipforge.engine.deepspeed as eds
+
+    out: dict[str, object] = {}
+    skip = eds._skip_lone_zero12_reduction
+    for case in LONE_CASES:
+        stage, precision, chunks, mode = case
+        for name in ("skip", "deepspeed"):
+            eds._skip_lone_zero12_reduction = skip if name == "skip" else (lambda opt: False)
+            try:
+                cfg = engine_cfg(stage, precision=precision, accum_chunks=chunks, accum_mode=mode)
+                cfg.train.grad_clip = 0.5  # clipping active: the step reads the global norm
+                engine = make_engine(make_task(tiny_model_cfg(dropout=True)), cfg)
+            finally:
+                eds._skip_lone_zero12_reduction = skip
+            overridden = "reduce_independent_p_g_buckets_and_remove_grads" in vars(engine.optimizer)
+            metrics = []
+            for i in range(3):
+                torch.manual_seed(100 + i)
+                metrics.append(engine.train_step(batch_for(rank, i)))
+            out[f"{case} {name}"] = {
+                "overridden": overridden,
+                "metrics": metrics,
+                "params": full_params(engine),
+            }
+    return out
+
+
+@pytest.mark.multiproc
+def test_lone_zero12_skips_reduction_with_identical_results() -> None:
+    r = run_distributed(_lone_reduction_worker, 1, timeout=600)[0]
+    for case in LONE_CASES:
+        skip, ds = r[f"{case} skip"], r[f"{case} deepspeed"]
+        assert skip["overridden"] and not ds["overridden"], case
+        # Bit for bit: every pass the skip removes reproduced its input exactly.
+        assert skip["metrics"] == ds["metrics"], case
+        for name, value in ds["params"].items():
+            assert torch.equal(skip["params"][name], value), (case, name)
+        assert "grad_norm" in skip["metrics"][-1], case
+
+
+def _two_rank_reduction_worker(rank: int, world: int) -> bool:
+    engine = make_engine(make_task(tiny_model_cfg()), engine_cfg(2))
+    return "reduce_independent_p_g_buckets_and_remove_grads" in vars(engine.optimizer)
+
+
+@pytest.mark.multiproc
+def test_zero2_with_two_ranks_keeps_deepspeeds_reduction() -> None:
+    assert run_distributed(_two_rank_reduction_worker, 2, timeout=600) == [False, False]

@@ -148,6 +148,46 @@ def _local_master(p: nn.Parameter, stage0_masters: dict[int, torch.Tensor]) -> t
     return stage0_masters.get(id(p))
 
 
+def _skip_lone_zero12_reduction(optimizer: Any) -> bool:
+    """ZeRO-1/2 in one process: leave each gradient where autograd put it.
+
+    DeepSpeed's per-gradient reduction (DeepSpeedZeroOptimizer's
+    reduce_independent_p_g_buckets_and_remove_grads, reached from its gradient hooks under
+    ZeRO-2 and from reduce_gradients under ZeRO-1) copies every gradient into a bucket, divides
+    the bucket by the world size, all-reduces it, copies the result back over itself and then
+    into a partition buffer: four passes over every gradient (the bench's tiny model, one
+    thread: ~0.12 s of a ~2.3 s profiled step). With one rank, the division is by 1.0, the
+    all-reduce the identity and the partition the whole model, so each pass reproduces its
+    input bit for bit; the epilogue then collects `param.grad` into the step's flat partition
+    either way. Replacing the method with its bookkeeping alone gives the step the same
+    values. Only the plain case is taken: a separate fp32 accumulator (ZeRO-1's grad_accum,
+    ZeRO-2's compact partition of bf16 gradients), CPU offload, MoE, ZenFlow and Muon all do
+    real work in that path. Never used with more than one rank. Returns whether it applied.
+    """
+    groups = range(len(optimizer.bit16_groups))
+    if (
+        optimizer.cpu_offload
+        or optimizer.use_grad_accum_attribute
+        or optimizer.has_moe_layers
+        or optimizer.zenflow
+        or any(optimizer._use_compact_grad_partition_buffer(i) for i in groups)
+        or any(optimizer._is_muon_group(ps) for ps in optimizer.params_in_partition if len(ps) > 0)
+    ):
+        return False
+
+    def mark_reduced(param: nn.Parameter, i: int) -> None:
+        # What the original keeps of its bookkeeping: the guard against a gradient reduced
+        # twice in one backward (the epilogue resets the flags).
+        if param.numel() == 0:
+            return
+        param_id, reduced = optimizer.get_param_id(param), optimizer.params_already_reduced
+        assert not reduced[param_id], f"parameter {param_id} reduced twice in one backward"
+        reduced[param_id] = True
+
+    optimizer.reduce_independent_p_g_buckets_and_remove_grads = mark_reduced
+    return True
+
+
 class Engine:
     """One training step = forward, backward, step (over K chunks when accumulating); plus
     checkpoints and weight export."""
@@ -184,9 +224,10 @@ class Engine:
         self._apply_bounds()
         if self.zero_stage == 0 and dist_info.world_size == 1:
             # Alone, DeepSpeed still flattens every gradient, "all-reduces" it and copies it
-            # back: ~10% of a small model's CPU step, for nothing. (ZeRO 1-3 keep their path:
-            # it also moves gradients into their partitions.)
+            # back: ~10% of a small model's CPU step, for nothing.
             self.ds.enable_backward_allreduce = False
+        if self.zero_stage in (1, 2) and dist_info.world_size == 1:
+            _skip_lone_zero12_reduction(self.optimizer)
         self._fp32_grad_norm: torch.Tensor | None = None
         if self.zero_stage == 0 and self.precision == "fp32":
             # This is the one path where DeepSpeed clips but throws the norm away.
