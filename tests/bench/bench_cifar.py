@@ -488,16 +488,19 @@ def render(results: dict) -> str:
         lines.append("")
     cifar = results.get("cifar") or {}
     if cifar:
+        budgets = "/".join(
+            sorted({f"{r.get('budget_s', COMPARE_SECONDS):g}" for r in cifar.values()})
+        )
         lines += [
             "### Same architecture as open_clip, equal wall time, both losses",
             "",
             "A tiny CLIP (`experiment=cifar10_tiny`: ViT 4x128 on 32 px with 4 px patches, text "
             "4x128, embed 128, both towers initialized as open_clip's) in both trainers; "
-            f"BENCH_COMPARE_SECONDS={COMPARE_SECONDS:g} of training each. Same global batch "
+            f"BENCH_COMPARE_SECONDS={budgets} of training each. Same global batch "
             f"({BATCH}), lr, warmup + cosine, weight decay, clipping and crop scale; each "
             "system's steps are set from its own median step time on alternating probe runs. "
             "siglip: ours `loss=siglip` (ring form over the 2 ranks), open_clip `--siglip`, "
-            "both starting at scale 10 and bias -10.",
+            f"both starting at scale 10 and bias -10. {results.get('compare_note', '')}",
             "",
             "| loss | system | processes x threads | median probe s/step | steps | samples seen "
             "| train wall time | top-1 | top-5 | mean per-class recall |",
@@ -612,7 +615,7 @@ def main() -> dict:
                 )
             results["cifar"][f"{name}|{loss}"] = {
                 **r, "steps": steps, "wall_s": wall, "layout": layout, "loss": loss,
-                "probe_step_s": round(times[key], 3),
+                "probe_step_s": round(times[key], 3), "budget_s": COMPARE_SECONDS,
             }  # fmt: skip
             print(name, loss, results["cifar"][f"{name}|{loss}"], flush=True)
     if "coco" in SYSTEMS:
