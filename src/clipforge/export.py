@@ -1,7 +1,8 @@
-"""Export a run's weights for open_clip: renamed tensors plus a model config it can build.
+"""Export a run's weights for open_clip (default) or transformers: renamed tensors plus configs.
 
     python -m clipforge.export RUN_DIR                 # -> RUN_DIR/open_clip/
     python -m clipforge.export RUN_DIR --out DIR
+    python -m clipforge.export RUN_DIR --format hf     # -> RUN_DIR/hf/ (see export_hf.py)
     # then, in any environment with open_clip (3.3.0 checked by tests/test_export.py):
     #   model = open_clip.create_model("local-dir:DIR")
 
@@ -43,7 +44,7 @@ OUR_EOS_ID = 3  # data_tools.tokenizer and the synthetic loader: pad 0, unk 1, b
 
 
 class UnsupportedArchitecture(ValueError):
-    """The model has no open_clip equivalent (the message says which part)."""
+    """The model has no equivalent in the export format (the message says which part)."""
 
 
 Rule = tuple[str, str, Callable[[Tensor], Tensor] | None]
@@ -102,7 +103,7 @@ _RESNET: list[Rule] = [
 ]  # fmt: skip
 
 
-def _rename(name: str, rules: list[Rule]) -> tuple[str, Callable[[Tensor], Tensor] | None] | None:
+def rename(name: str, rules: list[Rule]) -> tuple[str, Callable[[Tensor], Tensor] | None] | None:
     for pattern, repl, fn in rules:
         m = re.fullmatch(pattern, name)
         if m:
@@ -129,7 +130,7 @@ def to_open_clip_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     rules = _TEXT + (_VIT if image_kind(state) == "vit" else _RESNET)
     out, unmapped = {}, []
     for name, value in state.items():
-        hit = _rename(name, rules)
+        hit = rename(name, rules)
         if hit is None:
             unmapped.append(name)
             continue
@@ -239,15 +240,27 @@ def write_open_clip(
     return out_dir
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """RUN_DIR/model.safetensors + config.yaml -> open_clip files in out_dir."""
+def export_run(
+    run_dir: str | Path, out_dir: str | Path | None = None, fmt: str = "open_clip"
+) -> Path:
+    """RUN_DIR/model.safetensors + config.yaml (+ tokenizer.model) -> `fmt` files in out_dir
+    (default RUN_DIR/open_clip or RUN_DIR/hf)."""
     run_dir = Path(run_dir)
     state, run = load_exported(run_dir)
     cfg = run.model
     cfg.text.vocab_size = state["text.token_embedding.weight"].shape[0]
+    out = Path(out_dir) if out_dir else run_dir / fmt
+    if fmt == "hf":
+        # Imported here: export_hf imports this module (its rules' helpers and the error).
+        from clipforge.export_hf import check_state, write_hf
+
+        check_state(state)  # before asking for a tokenizer a refused run does not need
+        tok = run_dir / "tokenizer.model"
+        if not tok.is_file():
+            raise FileNotFoundError(f"{run_dir}: no tokenizer.model (the hf export ships it)")
+        return write_hf(out, state, run, tok.read_bytes())
     aug = run.data.augment
     eos = default_eos_id(run_dir, cfg.text.vocab_size)
-    out = Path(out_dir) if out_dir else run_dir / "open_clip"
     return write_open_clip(out, state, cfg, eos, list(aug.mean), list(aug.std))
 
 
@@ -256,17 +269,26 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m clipforge.export", description=(__doc__ or "").split("\n")[0]
     )
     ap.add_argument("run_dir", help="a run directory holding model.safetensors and config.yaml")
-    ap.add_argument("--format", default="open_clip", choices=["open_clip"])
-    ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/open_clip)")
+    ap.add_argument(
+        "--format",
+        default="open_clip",
+        choices=["open_clip", "hf"],
+        help="open_clip (ViTs and ResNets) or hf: transformers' CLIPModel (ViTs)",
+    )
+    ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/FORMAT)")
     args = ap.parse_args(argv)
     try:
-        out = export_run(args.run_dir, args.out)
+        out = export_run(args.run_dir, args.out, args.format)
     except (FileNotFoundError, UnsupportedArchitecture) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}/open_clip_model.safetensors and open_clip_config.json")
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs this file as __main__, a second copy of the module: export_hf raises the
+    # importable copy's UnsupportedArchitecture, so run that copy's main, which catches it.
+    from clipforge.export import main as _main
+
+    sys.exit(_main())
