@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from clipforge.config import ConfigError
-from clipforge.export import _RESNET, _TEXT, _VIT, UnsupportedArchitecture, _rename, image_kind
+from clipforge.export import _RESNET, _TEXT, _VIT, UnsupportedArchitecture, image_kind, rename
 
 CLIPFORGE, OPEN_CLIP = "clipforge", "open_clip"
 # Looked for, in this order, when init_from names a directory: a run, an open_clip folder.
@@ -173,7 +173,7 @@ def _slots(model_state: dict[str, Tensor], fmt: str) -> dict[str, _Slot]:
     rules = _TEXT + (_VIT if image_kind(model_state) == "vit" else _RESNET)
     out = {}
     for name, value in model_state.items():
-        hit = _rename(name, rules)
+        hit = rename(name, rules)
         if hit is None:
             raise UnsupportedArchitecture(f"{name} has no open_clip name")
         theirs, fn = hit
