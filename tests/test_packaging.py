@@ -58,6 +58,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = dist.glob("clipforge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "clipforge/conf/train.yaml" in names and "clipforge/conf/model/tiny.yaml" in names
+    # The zero-shot benchmarks' class names and templates (eval.zeroshot=imagenet1k:PATH).
+    bench = "clipforge/eval/benchmarks/"
+    shipped = {
+        f"{bench}{name}/{file}"
+        for name in ("imagenet1k", "cifar10", "cifar100")
+        for file in ("classnames.txt", "zeroshot_classification_templates.txt")
+    }
+    shipped |= {f"{bench}imagenet1k/synsets.txt", f"{bench}README.md", f"{bench}__init__.py"}
+    shipped.add(f"{bench}imagenet1k/zeroshot_classification_templates_openai7.txt")
+    assert shipped <= set(names), sorted(shipped - set(names))
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     return target
 
@@ -79,6 +89,21 @@ def test_wheel_is_imported_not_the_source_tree(installed: Path, tmp_path: Path) 
     )
     assert proc.returncode == 0, proc.stderr
     assert all(p.startswith(str(installed)) for p in proc.stdout.split()), proc.stdout
+
+
+def test_benchmark_files_load_from_the_wheel(installed: Path, tmp_path: Path) -> None:
+    proc = _run(
+        installed,
+        tmp_path,
+        sys.executable,
+        "-c",
+        "from clipforge.eval import benchmarks as b; i = b.load('imagenet1k'); "
+        "print(b.__file__, len(i.classnames), len(i.templates), len(i.synsets), "
+        "len(b.load('imagenet1k', 'openai7').templates), len(b.load('cifar100').classnames))",
+    )
+    assert proc.returncode == 0, proc.stderr
+    path, *counts = proc.stdout.split()
+    assert path.startswith(str(installed)) and counts == ["1000", "80", "1000", "7", "100"]
 
 
 def test_train_two_steps_from_another_folder(installed: Path, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig
 
+from clipforge.eval import benchmarks
+
 IMAGE_INITS = ("clip", "timm")
 
 
@@ -171,13 +173,17 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    # Zero-shot classification sets in WebDataset form (.cls + classnames.txt): one source, or
-    # a list for several (eval.zeroshot=[A,B]), each reported under its folder's name.
+    # Zero-shot classification sets, one or a list (eval.zeroshot=[A,B]), each reported under
+    # its folder's name: shards with .cls + classnames.txt (ours, or a CLIP_benchmark export),
+    # or NAME[@TEMPLATES]:PATH for a shipped benchmark (imagenet1k, cifar10, cifar100: its class
+    # names and templates, clipforge/eval/benchmarks/), where PATH may also be a folder of class
+    # sub-folders (ImageNet's val/n01440764/...). imagenet1k@openai7: OpenAI's 7 templates.
     zeroshot: Any = None
     # Captioned retrieval sets, one or a list: KEY.txt, or KEY.json {"captions": [...]} for
     # several captions per image.
     retrieval: Any = None
-    # Prompt templates with "{}" for the class name; a templates file beside the set wins.
+    # Prompt templates with "{}" (or "{c}") for the class name; a templates file beside the
+    # set, or a NAME: entry's shipped templates, win.
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     # Evaluate every N steps (0: only at the end of training).
     every: int = 0
@@ -426,12 +432,18 @@ def eval_problems(ev: EvalConfig) -> list[str]:
         value = getattr(ev, kind)
         if not (value is None or isinstance(value, str) or _is_str_list(value)):
             problems.append(f"eval.{kind} must be a shard source or a list of them, got {value!r}")
+    if isinstance(ev.zeroshot, str) or _is_str_list(ev.zeroshot):
+        entries = [ev.zeroshot] if isinstance(ev.zeroshot, str) else list(ev.zeroshot)
+        for entry in entries:
+            problems += benchmarks.entry_problems(entry)
     if ev.every < 0 or ev.batch_size <= 0:
         problems.append("eval.every must be >= 0 and eval.batch_size > 0")
     if not ev.recall_at or any(k <= 0 for k in ev.recall_at):
         problems.append(f"eval.recall_at must be positive integers, got {ev.recall_at}")
-    if not ev.templates or any("{}" not in t for t in ev.templates):
-        problems.append("eval.templates must be non-empty, each with a {} for the class name")
+    if not ev.templates or any("{}" not in t and "{c}" not in t for t in ev.templates):
+        problems.append(
+            "eval.templates must be non-empty, each with a {} or {c} for the class name"
+        )
     return problems
 
 

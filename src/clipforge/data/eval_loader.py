@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipforge.data.image_folder import ImageFolder
 from clipforge.data.samples import choose_caption, open_image
 from clipforge.data.shards import ShardSet
 from clipforge.data.tario import iter_samples
@@ -96,16 +97,19 @@ class _EvalStream(IterableDataset):
     def __init__(self, loader: EvalLoader):
         self.urls, self.units, self.batch_size = loader.shards.urls, loader.units, loader.batch_size
         self.known, self.collate = loader.per_rank is not None, loader._collate
+        # An image folder reads its own files (one "shard" per class sub-folder).
+        self.folder = loader.shards if isinstance(loader.shards, ImageFolder) else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         reader = _Reader(self.urls)
+        read = self.folder.read if self.folder is not None else reader.read
         try:
             for u in _span(len(self.units), nw, w):
                 if self.known:  # a unit is one global batch: its pieces
                     pieces: list[Piece] = self.units[u]
-                    samples = [s for p in pieces for s in reader.read(*p)]
+                    samples = [s for p in pieces for s in read(*p)]
                     if samples:
                         yield {**self.collate(samples), "start": pieces[0][:2]}
                 else:  # a unit is one shard, cut into batches that stay inside it
@@ -130,12 +134,13 @@ class EvalLoader:
     ranks; every rank yields the same number of batches, padding ones marked `pad`.
 
     workers=0 decodes in the main process (tests, small sets); world > 1 without a process
-    group (ranks simulated in one process) works when the shard sizes are known.
+    group (ranks simulated in one process) works when the shard sizes are known. An image
+    folder (data.image_folder) is read like shards of known sizes, one per class sub-folder.
     """
 
     def __init__(
         self,
-        shards: ShardSet,
+        shards: ShardSet | ImageFolder,
         transform: Callable,
         batch_size: int,
         rank: int = 0,

@@ -4,6 +4,8 @@ A source (`data.train=`) is one of:
   - a shard folder holding `manifest.json` (written by data_tools.convert),
   - a `manifest.json` path or URL,
   - a folder of `.tar` files without a manifest (img2dataset output: sizes from `*_stats.json`),
+  - a CLIP_benchmark webdataset export: its root (read as ROOT/test) or a split folder
+    (ROOT/train), with the root's classnames.txt and zeroshot_classification_templates.txt,
   - a brace pattern such as `s3://bucket/{00000..00099}.tar` (sizes from a `manifest.json` in
     the same folder when there is one, else from local `*_stats.json`, else unknown),
   - a `.txt` file listing shard URLs, one per line (sizes found as for a brace pattern),
@@ -63,6 +65,12 @@ class ShardSet:
         )
 
 
+# CLIP_benchmark's webdataset export: ROOT/{train,test}/{0..N-1}.tar + nshards.txt, and
+# ROOT/classnames.txt, ROOT/zeroshot_classification_templates.txt for both splits.
+_NSHARDS = "nshards.txt"
+_CLIP_BENCHMARK_SPLIT = "test"
+
+
 def _join(base: str, name: str) -> str:
     return name if "://" in name or name.startswith("/") else posixpath.join(base, name)
 
@@ -109,6 +117,9 @@ def _from_folder(fs: fsspec.AbstractFileSystem, path: str, protocol_prefix: str)
     if fs.exists(manifest):
         return _from_manifest(fs, manifest, protocol_prefix)
     tars = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".tgz", ".tar.gz")))
+    split = posixpath.join(path, _CLIP_BENCHMARK_SPLIT)
+    if not tars and fs.exists(posixpath.join(split, _NSHARDS)):
+        return _from_folder(fs, split, protocol_prefix)  # a CLIP_benchmark export's root
     if not tars:
         raise SourceError(f"{path}: no manifest.json and no .tar shards")
     counts: list[int | None] = []
@@ -116,7 +127,12 @@ def _from_folder(fs: fsspec.AbstractFileSystem, path: str, protocol_prefix: str)
         stats = _read_text(fs, _stats_path(tar))
         # img2dataset writes "successes"; our converter writes "samples".
         counts.append(_count_from_stats(stats))
-    return _sidecars(fs, path, ShardSet([protocol_prefix + t for t in tars], counts))
+    sset = ShardSet([protocol_prefix + t for t in tars], counts)
+    if fs.exists(posixpath.join(path, _NSHARDS)):
+        # A CLIP_benchmark split folder: its classnames and templates sit one level up, in the
+        # export's root (files beside the shards, read next, still win).
+        sset = _sidecars(fs, posixpath.dirname(path.rstrip("/")), sset)
+    return _sidecars(fs, path, sset)
 
 
 def _count_from_stats(text: str | None) -> int | None:

@@ -2,11 +2,15 @@
 
     python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS eval.retrieval=SHARDS
     python -m clipforge.eval checkpoint=RUN_DIR "eval.zeroshot=[SHARDS_A,SHARDS_B]"
+    clipforge-eval checkpoint=RUN_DIR eval.zeroshot=imagenet1k:/data/imagenet/val   # n01440764/...
+    clipforge-eval checkpoint=RUN_DIR eval.zeroshot=imagenet1k@openai7:/data/imagenet/val
     torchrun --nproc_per_node 2 -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS
 
 Arguments are key=value, typed like the training config's `eval.*` (whose values in
 RUN_DIR/config.yaml are the defaults; `eval.zeroshot=null` drops a set), plus `checkpoint=`,
-`device=` (auto | cpu | cuda) and `out=` (default RUN_DIR/eval). Prints one JSON line per set
+`device=` (auto | cpu | cuda) and `out=` (default RUN_DIR/eval). A zero-shot entry
+NAME[@TEMPLATES]:PATH uses a shipped benchmark's class names and templates (imagenet1k, cifar10,
+cifar100: clipforge/eval/benchmarks/), PATH being a folder of class sub-folders or shards. Prints one JSON line per set
 and writes OUT/{kind}_{set}.json with the details (confusion matrix, per-class recall) and
 pictures beside it. Needs no DeepSpeed; under torchrun the sets are split over the processes
 and the counts summed, which gives the same numbers as one process.

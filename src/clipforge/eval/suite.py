@@ -4,6 +4,7 @@ one console line per set, scalars to the logger, pictures to the logger, JSON fi
 
     python -m clipforge.train ... eval.zeroshot=SHARDS eval.retrieval=SHARDS eval.every=500
     python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=SHARDS eval.retrieval=SHARDS
+    python -m clipforge.eval checkpoint=RUN_DIR eval.zeroshot=imagenet1k:/data/imagenet/val
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from PIL import Image
 
 from clipforge.config import EvalConfig
 from clipforge.data.eval_loader import EvalLoader
+from clipforge.data.image_folder import ImageFolder, is_image_folder, open_folder
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.tario import IMAGE_EXTS, iter_samples
-from clipforge.eval import figures, retrieval, zeroshot
+from clipforge.eval import benchmarks, figures, retrieval, zeroshot
 from clipforge.logging import print0
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -55,7 +57,13 @@ class SetResult:
 
 def set_name(source: str, parents: int = 0) -> str:
     """A short name for a set: its folder (`.../cifar10_test/` or its manifest) -> cifar10_test;
-    `parents` > 0 prepends that many parent folders (`cifar10/test` -> cifar10_test)."""
+    `parents` > 0 prepends that many parent folders (`cifar10/test` -> cifar10_test). A
+    benchmark entry is named after the benchmark: `imagenet1k@openai7:/data/val` ->
+    imagenet1k_openai7 (its folders appended where two entries would clash)."""
+    entry = benchmarks.parse_entry(source)
+    if entry.benchmark is not None:
+        name = "_".join(filter(None, (entry.benchmark, entry.templates)))
+        return name if parents == 0 else f"{name}_{set_name(entry.path, parents - 1)}"
     first = source.split("::")[0].rstrip("/")
     if first.endswith(".json") or "{" in first or first.endswith(".tar"):
         first = posixpath.dirname(first)
@@ -125,28 +133,89 @@ def run_zeroshot(
     draw: bool,
     name: str | None = None,
 ) -> SetResult:
-    sset = resolve(source)
-    if not sset.classnames:
-        raise SourceError(f"eval.zeroshot={source}: no classnames.txt beside the shards")
-    # The set's own templates (CLIP_benchmark's file) are the ones its numbers are quoted with.
-    templates = sset.templates or list(cfg.templates)
+    zs = zeroshot_set(source, cfg)
     classifier = zeroshot.build_classifier(
-        enc.encode_text, enc.tokenizer, sset.classnames, templates, cfg.batch_size
+        enc.encode_text, enc.tokenizer, zs.classnames, zs.templates, cfg.batch_size
     )
-    batches = EvalLoader(sset, enc.transform, cfg.batch_size, rank, world, cfg.workers)
-    res = zeroshot.evaluate(enc.encode_image, batches, classifier)
+    batches = EvalLoader(zs.data, enc.transform, cfg.batch_size, rank, world, cfg.workers)
+    res = zeroshot.evaluate(enc.encode_image, relabel(batches, zs.label_map), classifier)
     name = name or set_name(source)
     details = {
-        "classnames": sset.classnames,
-        "templates": templates,
+        "classnames": zs.classnames,
+        "templates": zs.templates,
         "per_class_recall": res.pop("per_class_recall"),
         "confusion": res.pop("confusion"),
     }
     pics = {}
     if draw:
         title = f"{name}: zero-shot top1 {res['top1']:.3f} (rows true, columns predicted)"
-        pics["confusion"] = figures.confusion_image(details["confusion"], sset.classnames, title)
+        pics["confusion"] = figures.confusion_image(details["confusion"], zs.classnames, title)
     return SetResult(name, "zeroshot", res, details, pics)
+
+
+@dataclass
+class ZeroShotSet:
+    """What a zero-shot entry reads and scores against."""
+
+    data: ShardSet | ImageFolder
+    classnames: list[str]
+    templates: list[str]
+    # The set's label i is class label_map[i] of `classnames`; None: labels are class indices.
+    label_map: list[int] | None = None
+
+
+def zeroshot_set(source: str, cfg: EvalConfig) -> ZeroShotSet:
+    """An eval.zeroshot entry opened: plain shards bring their own classnames.txt (and maybe
+    templates); NAME[@TEMPLATES]:PATH brings the shipped benchmark's, PATH being an image folder
+    (read in place) or shards whose classnames.txt, if any, says which class each label is."""
+    entry = benchmarks.parse_entry(source)
+    if entry.benchmark is None:
+        if is_image_folder(source):
+            raise SourceError(
+                f"eval.zeroshot={source}: a folder of class sub-folders needs a benchmark for "
+                f"its class names: eval.zeroshot=NAME:{source} ({', '.join(benchmarks.names())})"
+            )
+        sset = resolve(source)
+        if not sset.classnames:
+            raise SourceError(f"eval.zeroshot={source}: no classnames.txt beside the shards")
+        # The set's own templates (CLIP_benchmark's file) are the ones its numbers are quoted with.
+        return ZeroShotSet(sset, sset.classnames, sset.templates or list(cfg.templates))
+    try:
+        bench = benchmarks.load(entry.benchmark, entry.templates)
+    except ValueError as e:
+        raise SourceError(f"eval.zeroshot={source}: {e}") from None
+    names, templates = list(bench.classnames), list(bench.templates)
+    kind = f"{bench.name} {bench.folder_kind}"
+    if is_image_folder(entry.path):
+        return ZeroShotSet(open_folder(entry.path, bench.index_of, kind), names, templates)
+    sset = resolve(entry.path)
+    if not sset.classnames or sset.classnames == names:
+        return ZeroShotSet(sset, names, templates)
+    # Shards converted from a class folder (classnames.txt: n01440764, ...): map each label.
+    label_map = [bench.index_of(c) for c in sset.classnames]
+    unknown = [c for c, i in zip(sset.classnames, label_map) if i is None]
+    if unknown:
+        raise SourceError(
+            f"eval.zeroshot={source}: {unknown[0]!r} (classnames.txt line "
+            f"{sset.classnames.index(unknown[0]) + 1}) names no {kind}"
+        )
+    return ZeroShotSet(sset, names, templates, label_map)  # type: ignore[arg-type]
+
+
+def relabel(
+    batches: Iterable[dict[str, Any]], label_map: list[int] | None
+) -> Iterator[dict[str, Any]]:
+    """Batches with their `cls` labels mapped to class indices (unchanged without a map)."""
+    table = torch.tensor(label_map) if label_map is not None else None
+    for batch in batches:
+        if table is not None and "cls" in batch and not batch.get("pad"):
+            cls = batch["cls"]
+            if len(cls) and (int(cls.min()) < 0 or int(cls.max()) >= len(table)):
+                raise ValueError(
+                    f"zero-shot set has a label outside its classnames.txt's {len(table)} lines"
+                )
+            batch = {**batch, "cls": table[cls]}
+        yield batch
 
 
 def run_retrieval(

@@ -1,4 +1,4 @@
-"""Zero-shot classification: embed "a photo of a {label}" for every class, pick the closest.
+"""Zero-shot classification: embed "a photo of a {c}." for every class, pick the closest.
 
 Each class's weight is the mean of its normalized prompt embeddings over all templates, then
 renormalized (the CLIP paper's prompt ensemble). Counts (a confusion matrix and top-k hits) are
@@ -34,13 +34,18 @@ def build_classifier(
     Every rank builds the whole matrix with the same forward calls in the same order: under
     ZeRO-3 a forward is a collective, so ranks must not split this work unevenly.
     """
-    prompts = [t.format(name) for name in classnames for t in templates]
+    prompts = [fill(t, name) for name in classnames for t in templates]
     feats = []
     for i in range(0, len(prompts), batch_size):
         emb = encode_text(tokenizer(prompts[i : i + batch_size]))
         feats.append(F.normalize(emb.float(), dim=-1).cpu())
     per_class = torch.cat(feats).view(len(classnames), len(templates), -1)
     return F.normalize(per_class.mean(dim=1), dim=-1).T.contiguous()
+
+
+def fill(template: str, classname: str) -> str:
+    """A prompt: the class name where the template has `{c}` (CLIP_benchmark's files) or `{}`."""
+    return template.format(classname, c=classname)
 
 
 def count_batch(
@@ -90,6 +95,9 @@ def evaluate(
             continue
         if "cls" not in batch:
             raise ValueError("zero-shot set has samples without a .cls label")
+        bad = batch["cls"][(batch["cls"] < 0) | (batch["cls"] >= n_cls)]
+        if len(bad):
+            raise ValueError(f"zero-shot set has label {int(bad[0])}, outside its {n_cls} classes")
         c, h = count_batch(feats @ classifier, batch["cls"], k)
         confusion += c
         top_k += h
