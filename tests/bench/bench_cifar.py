@@ -50,6 +50,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from clipforge.eval import benchmarks
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
 BENCH = Path(os.environ.get("BENCH_DIR", REPO / ".bench"))
@@ -66,9 +68,8 @@ TARGET_TOP1 = 0.70
 MERGE = os.environ.get("BENCH_MERGE", "0") == "1"
 DOC = REPO / "docs" / "benchmarks.md"
 
-CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+# The shipped CIFAR-10 names (clipforge/eval/benchmarks), which are also the photo folders' names.
+CLASSES = list(benchmarks.load("cifar10").classnames)
 TRAIN_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",
