@@ -206,3 +206,29 @@ def test_shards_stream_over_http(shards):
         assert sorted(captions) == sorted(f"row {i}" for i in range(ROWS))
     finally:
         server.shutdown()
+
+
+def test_eval_transform_crops_offset_rounded_down_and_composites_alpha_on_white():
+    """The crop starts at (W - size) // 2 (as transformers' CLIPImageProcessor, so an
+    --format hf export preprocesses the same), and transparent pixels are white (as
+    data_tools.convert writes them into shards), in eval and training alike."""
+    aug = AugmentConfig(mean=[0.0] * 3, std=[1.0] * 3)
+    # 35 columns at 32 rows: no resize; 3 extra columns, so floor puts the crop at column 1
+    # where round-half-to-even would put it at column 2.
+    cols = np.repeat((np.arange(35, dtype=np.uint8) * 7)[None, :, None], 32, 0).repeat(3, 2)
+    out = eval_transform(32, aug)(Image.fromarray(cols))
+    assert out.shape == (3, 32, 32)
+    assert round(float(out[0, 0, 0]) * 255) == 7 and round(float(out[0, 0, -1]) * 255) == 32 * 7
+    # Red where fully transparent, blue where opaque: the transparent half comes out white.
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :16, 0], rgba[:, 16:, 2], rgba[:, 16:, 3] = 255, 255, 255
+    for img in (Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba, "RGBA").convert("PA")):
+        x = (eval_transform(32, aug)(img) * 255).round()
+        assert x[:, :, :16].eq(255).all(), img.mode
+        assert (
+            x[:, :, 16:].tolist()
+            == torch.tensor([0.0, 0.0, 255.0])[:, None, None].expand(3, 32, 16).tolist()
+        ), img.mode
+        torch.manual_seed(0)
+        y = train_transform(32, AugmentConfig(scale_min=1.0))(img)
+        assert y.shape == (3, 32, 32)

@@ -228,7 +228,10 @@ def write_open_clip(
             "size": cfg.image.image_size,
             "mean": mean,
             "std": std,
-            "interpolation": "bicubic",  # as data/transforms.py's eval_transform
+            # As data/transforms.py's eval_transform, but for its crop offset: open_clip's
+            # torchvision CenterCrop rounds half to even, ours down (one pixel along the long
+            # side when resized long side - size = 3 mod 4).
+            "interpolation": "bicubic",
             "resize_mode": "shortest",
         },
     }

@@ -36,13 +36,13 @@ Why each part maps exactly:
   Two departures from that converter, each where it differs from sentencepiece: trailing "▁"
   characters are dropped as sentencepiece drops them, and a Unigram model's special tokens get
   names no text can match (vocab_strings).
-- Image processor: resize the short side (bicubic), center crop, x / 255, (x - mean) / std.
-  Two things no CLIPImageProcessor setting reproduces (nor for any torchvision-preprocessed
-  CLIP converted to transformers): its center crop rounds the offset down where torchvision rounds half to even (the
-  crop moves by one pixel along the long side when the resized long side minus the size is 3
-  mod 4), and it composites transparent images on white where we drop the alpha channel. Its
-  default torchvision backend resizes a uint8 tensor, ours is PIL's resize; the "pil" backend
-  (`AutoImageProcessor.from_pretrained(DIR, backend="pil")`) resizes exactly as we do.
+- Image processor: convert to RGB with transparency on white, resize the short side (bicubic),
+  center crop with the offset rounded down, x / 255, (x - mean) / std: data/transforms.py's
+  eval_transform step for step (it crops and composites as CLIPImageProcessor does, which no
+  CLIPImageProcessor setting could have matched to torchvision's half-to-even CenterCrop).
+  The default torchvision backend resizes a uint8 tensor where we resize with PIL (pixels
+  within one uint8 level); the "pil" backend (`AutoImageProcessor.from_pretrained(DIR,
+  backend="pil")`) resizes exactly as we do.
 
 Not exported (UnsupportedArchitecture, one line): CLIP ResNet image towers (CLIPModel has only a
 ViT) and SigLIP runs (a learned logit bias: transformers' SiglipModel pools images with a

@@ -26,9 +26,37 @@ from torchvision import transforms as T
 
 from clipforge.config import AugmentConfig
 
+WHITE = (255, 255, 255, 255)
 
-def _to_rgb(img):
-    return img.convert("RGB") if img.mode != "RGB" else img
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB, transparency composited on white: the pixels data_tools.convert
+    writes into shards for the same file, and what transformers' CLIPImageProcessor does (so
+    an image folder read in place, its shards and an HF export see the same picture)."""
+    if img.mode == "RGB":
+        return img
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class CenterCrop:
+    """The centre size x size square, its offset rounded down: (W - size) // 2. torchvision's
+    CenterCrop rounds half to even instead, one pixel further along the long side when
+    (W - size) % 4 == 3; rounding down is what transformers' CLIPImageProcessor does, so a run
+    exported with `--format hf` preprocesses there exactly as here (open_clip's preprocess,
+    given an `--format open_clip` export, crops with torchvision's rule)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if w < self.size or h < self.size:
+            raise ValueError(f"image {w}x{h} is smaller than the {self.size} px crop")
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
 
 
 # Allocates a batch tensor of (shape, dtype): shared memory in a DataLoader worker.
@@ -111,7 +139,7 @@ def eval_transform(size: int, aug: AugmentConfig) -> T.Compose:
         [
             _to_rgb,
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(size),
+            CenterCrop(size),
             T.ToTensor(),
             T.Normalize(aug.mean, aug.std),
         ]
