@@ -66,6 +66,15 @@ def test_predict_text_output_templates_and_errors(run_dir, images, tmp_path, cap
     assert predict.parse_templates("a {}.|the {}") == ["a {}.", "the {}"]
     with pytest.raises(ValueError):
         predict.parse_templates("no placeholder")
+    # CLIP_benchmark's files write {c}: the same prompts, so the same probabilities.
+    tpl_c = tmp_path / "zeroshot_classification_templates.txt"
+    tpl_c.write_text("a {c} square.\na picture of something {c}.\n")
+    outs = []
+    for t in (tpl, tpl_c):
+        assert predict.main(["--checkpoint", str(run_dir), "--labels", "red, blue", "--json",
+                             "--templates", str(t), images[0]]) == 0  # fmt: skip
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and '"red"' in outs[0]
 
 
 @pytest.mark.parametrize("kind,suffix", [("image", ".npy"), ("text", ".parquet")])

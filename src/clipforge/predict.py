@@ -2,7 +2,7 @@
 
     python -m clipforge.predict --checkpoint RUN_DIR --labels "cat,dog,ship" a.jpg b.png
     python -m clipforge.predict --checkpoint RUN_DIR --labels cat,dog --json --top 2 *.jpg
-    ... --templates "a photo of a {}.|a blurry photo of a {}."     (or a file, one per line)
+    ... --templates "a photo of a {}.|a blurry photo of a {}."     (or a file, one per line; {c} too)
 
 Each label is embedded through every prompt template and the embeddings averaged (the CLIP
 paper's ensemble); probabilities are the softmax of the model's own scaled cosine similarities.
@@ -24,16 +24,17 @@ from clipforge.eval.zeroshot import build_classifier
 
 
 def parse_templates(text: str | None) -> list[str] | None:
-    """A file with one template per line, or templates joined with `|`; each needs a {}."""
+    """A file with one template per line, or templates joined with `|`; each needs a {} (or
+    CLIP_benchmark's {c}) for the label."""
     if not text:
         return None
     path = Path(text)
     lines = path.read_text().splitlines() if path.is_file() else text.split("|")
     templates = [t.strip() for t in lines if t.strip()]
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if "{}" not in t and "{c}" not in t]
     if not templates or bad:
         raise ValueError(
-            f"--templates: every template needs a {{}} for the label, got {bad or text!r}"
+            f"--templates: every template needs a {{}} or {{c}} for the label, got {bad or text!r}"
         )
     return templates
 
