@@ -83,6 +83,7 @@ class Shard:
     scores: dict[str, float] = field(default_factory=dict)  # key -> score
     counted: bool = False  # status/reasons known (from a report or stats file)
     read: bool = False  # its tar was read for histograms and the sheet
+    missing: bool = False  # a named tar that does not exist (a brace pattern's typo)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -165,6 +166,9 @@ def read_side_files(shard: Shard, stem: str) -> Shard:
     """Fill a shard's counts from STEM.parquet, else STEM_stats.json (both optional)."""
     if stem.startswith("pipe:"):
         return shard
+    if shard.url is not None:
+        fs, path = fsspec.core.url_to_fs(shard.url)
+        shard.missing = not fs.exists(path)
     try:
         stats_bytes = _read_bytes(stem + "_stats.json")
         stats = json.loads(stats_bytes) if stats_bytes is not None else None
@@ -253,6 +257,9 @@ def collect(texts: Sequence[str], threads: int) -> list[Source]:
             jobs += list(zip(source.shards, stems, strict=True))
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda job: read_side_files(*job), jobs))
+    missing = [s.url for src in sources for s in src.shards if s.missing]
+    if missing:
+        raise UsageError(f"{len(missing)} of {len(jobs)} shards do not exist, e.g. {missing[0]}")
     return sources
 
 
