@@ -75,9 +75,10 @@ class UsageError(ValueError):
 class Shard:
     """One shard's numbers; ``url`` is None for a report whose shard got no sample."""
 
-    name: str
+    stem: str  # URL without .tar: STEM.parquet and STEM_stats.json sit beside it
     url: str | None
     samples: int | None = None
+    name: str = ""  # on the page: relative to the folder all shards of the page share
     status: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     scores: dict[str, float] = field(default_factory=dict)  # key -> score
@@ -162,8 +163,9 @@ def _count_stats(shard: Shard, stats: dict[str, Any]) -> None:
     shard.reasons.update({k: int(v) for k, v in stats.get("failure_reasons", {}).items()})
 
 
-def read_side_files(shard: Shard, stem: str) -> Shard:
+def read_side_files(shard: Shard) -> Shard:
     """Fill a shard's counts from STEM.parquet, else STEM_stats.json (both optional)."""
+    stem = shard.stem
     if stem.startswith("pipe:"):
         return shard
     if shard.url is not None:
@@ -219,9 +221,9 @@ def _display_names(urls: list[str]) -> list[str]:
     return ["/".join(s[common:]) for s in split]
 
 
-def locate(part: str) -> tuple[Source, list[str]]:
+def locate(part: str) -> Source:
     """The shards one source names, with the manifest's report-only entries (shards that got
-    no sample, e.g. a conversion where every row failed)."""
+    no sample, e.g. a conversion where every row failed). Names are set by ``collect``."""
     try:
         sset = resolve(part)
         found = _manifest_of(part)
@@ -230,36 +232,39 @@ def locate(part: str) -> tuple[Source, list[str]]:
     except (OSError, ValueError) as e:
         raise UsageError(f"{part}: {type(e).__name__}: {e}") from None
     manifest, folder = found if found else (None, None)
-    entries: list[tuple[str | None, str]] = [(u, _stem(u)) for u in sset.urls]
+    out = [Shard(_stem(u), u, c) for u, c in zip(sset.urls, sset.counts, strict=True)]
     if manifest is not None and folder is not None:
-        stems = {stem for _, stem in entries}
+        stems = {shard.stem for shard in out}
         for report in manifest.get("reports", []):
             stem = _stem(f"{folder}/{report}").removesuffix(".parquet")
             if stem not in stems:
-                entries.append((None, stem))
-    if not entries:
+                out.append(Shard(stem, None, 0))
+    if not out:
         raise UsageError(f"{part}: no shards")
-    names = _display_names([url or stem + ".tar" for url, stem in entries])
-    counts = dict(zip(sset.urls, sset.counts, strict=True))
-    out = [
-        Shard(name, url, counts.get(url) if url else 0) for name, (url, _) in zip(names, entries)
-    ]
-    return Source(part, out, manifest), [stem for _, stem in entries]
+    return Source(part, out, manifest)
 
 
 def collect(texts: Sequence[str], threads: int) -> list[Source]:
     """Every source's shards with their counts (the small files only)."""
-    sources, jobs = [], []
+    sources, seen = [], set()
     for text in texts:
         for part in (p for p in text.split("::") if p.strip()):
-            source, stems = locate(part)
+            source = locate(part)
+            # A shard named twice (overlapping sources) is counted once.
+            source.shards = [s for s in source.shards if s.stem not in seen]
+            seen.update(s.stem for s in source.shards)
             sources.append(source)
-            jobs += list(zip(source.shards, stems, strict=True))
+    all_shards = [s for src in sources for s in src.shards]
+    # Names relative to what all shards share: unique across sources, short on the page.
+    names = _display_names([s.url or s.stem + ".tar" for s in all_shards])
+    for shard, name in zip(all_shards, names, strict=True):
+        shard.name = name
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda job: read_side_files(*job), jobs))
-    missing = [s.url for src in sources for s in src.shards if s.missing]
+        list(pool.map(read_side_files, all_shards))
+    missing = [s.url for s in all_shards if s.missing]
     if missing:
-        raise UsageError(f"{len(missing)} of {len(jobs)} shards do not exist, e.g. {missing[0]}")
+        n = len(all_shards)
+        raise UsageError(f"{len(missing)} of {n} shards do not exist, e.g. {missing[0]}")
     return sources
 
 

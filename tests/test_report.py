@@ -22,6 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -293,6 +294,26 @@ def test_img2dataset_output_brace_pattern_and_bare_tars(shared_data: Path, tmp_p
     p = Page(render(tmp_path, str(bare), "--max-shards", "0", name="bare.html")[1])
     assert num(p.cards["samples"]) == 31 and "rows" not in p.cards
     assert p.cards["success_rate"] == "n/a" and sum(c for *_, c in p.bars["image-width"]) == 31
+
+
+def test_fsspec_urls_and_several_sources(shared_data: Path, converted: Path) -> None:
+    """Sources and the page as fsspec URLs (the in-memory filesystem); two sources add up and
+    keep their shards apart on the page."""
+    fs = fsspec.filesystem("memory")
+    i2d = shared_data / "formats" / "img2dataset_webdataset_output"
+    try:
+        for path in i2d.iterdir():
+            fs.pipe(f"/report-test/i2d/{path.name}", path.read_bytes())
+        argv = ["memory://report-test/i2d", str(converted), "--samples", "40"]
+        assert report.main([*argv, "-o", "memory://report-test/out/page.html"]) == 0
+        p = Page(fs.cat("/report-test/out/page.html").decode("utf-8"))
+    finally:
+        fs.rm("/report-test", recursive=True)
+    assert num(p.cards["samples"]) == 159 + GOOD and num(p.cards["rows"]) == 161 + GOOD + len(BAD)
+    names = [r["shard"] for r in p.table("shards")][:-1]
+    assert len(names) == len(set(names)) == 6
+    assert {t["shard"].split("/")[0] for t in p.thumbs} == {names[0].split("/")[0],
+                                                          names[-1].split("/")[0]}  # fmt: skip
 
 
 def test_every_row_failed_still_reports(tmp_path: Path) -> None:
