@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_count, default=48, help="thumbnails on the contact sheet")
     p.add_argument("--seed", type=int, default=0, help="changes which samples the sheet shows")
     p.add_argument("--thumb-size", type=_positive, default=160, help="thumbnail side (px)")
-    p.add_argument("--max-shards", type=_count, default=64,
+    p.add_argument("--max-shards", type=_count, default=16,
                    help="tars read for histograms and the sheet, evenly spaced; 0: all")  # fmt: skip
     p.add_argument("--threads", type=_positive, default=8, help="shards read at once")
     p.add_argument("--title", default=None)

@@ -260,7 +260,11 @@ def test_scores_from_filtered_reports(converted: Path, tmp_path: Path) -> None:
             for k, s in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
         ]
         scores.update({k: v for k, v in zip(table.column("key").to_pylist(), values) if v})
-        pq.write_table(table.append_column("score", pa.array(values, pa.float64())), path)
+        # As numbers, or as text like the report's other columns: both are scores.
+        column = pa.array(values, pa.float64())
+        if path.name == "00001.parquet":
+            column = pa.array([None if v is None else str(v) for v in values], pa.string())
+        pq.write_table(table.append_column("score", column), path)
     p = Page(render(tmp_path, str(folder), "--samples", "4")[1])
     assert "scores" in p.sections
     bars = p.bars["score"]
@@ -294,6 +298,16 @@ def test_img2dataset_output_brace_pattern_and_bare_tars(shared_data: Path, tmp_p
     p = Page(render(tmp_path, str(bare), "--max-shards", "0", name="bare.html")[1])
     assert num(p.cards["samples"]) == 31 and "rows" not in p.cards
     assert p.cards["success_rate"] == "n/a" and sum(c for *_, c in p.bars["image-width"]) == 31
+    # Stats files without the parquet reports: counts and reasons from img2dataset's stats.
+    shutil.copy(i2d / "00002_stats.json", bare)
+    p = Page(render(tmp_path, str(bare), name="stats.html")[1])
+    assert (num(p.cards["rows"]), num(p.cards["ok"]), num(p.cards["failed"])) == (33, 31, 2)
+    assert {r["reason"] for r in p.table("reasons")} == {"HTTP Error 404", "Image decoding error"}
+    # A shard cut short mid-way: what could be read is shown, and the break is listed.
+    data = (i2d / "00001.tar").read_bytes()
+    (bare / "00001.tar").write_bytes(data[: len(data) // 2 + 700])
+    p = Page(render(tmp_path, str(bare), "--max-shards", "0", name="torn.html")[1])
+    assert "problems" in p.sections and 31 < sum(c for *_, c in p.bars["image-width"]) < 31 + 64
 
 
 def test_fsspec_urls_and_several_sources(shared_data: Path, converted: Path) -> None:
