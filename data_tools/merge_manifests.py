@@ -26,6 +26,7 @@ from data_tools import shards, store
 SIDECARS = ("classnames.txt", "zeroshot_classification_templates.txt")
 # Arguments that legitimately differ between the slices of one conversion.
 PER_SLICE_ARGS = {"slice_index", "processes", "threads", "chunk_rows", "timeout", "retries"}
+PER_SLICE_ARGS |= {"work_dir"}  # each task's own local scratch
 
 
 class MergeError(ValueError):

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -158,7 +159,7 @@ class Watcher(threading.Thread):
             except FileNotFoundError:
                 names = []
             for path in names:
-                if path not in self.seen:
+                if path.startswith(self.prefix) and path not in self.seen:
                     try:
                         self.seen[path] = _whole(path, self.fs.cat_file(path))
                     except FileNotFoundError:  # listed, then gone: it was never a final object
@@ -270,17 +271,43 @@ def test_slices_merge_and_inspect_on_s3(s3, table: Path, reference: Path) -> Non
 
 
 def test_memory_filesystem_output_is_the_local_bytes(table: Path, reference: Path) -> None:
-    """A filesystem without S3's multipart uploads (fsspec's memory://) goes the same way."""
+    """fsspec's memory:// shows a file while it is written (it ignores autocommit=False), so
+    it takes the temporary name + fs.mv route: an aborted shard leaves nothing, a temporary name
+    a killed run left behind is removed, and the bytes are the local run's."""
     import fsspec
 
-    url = "memory://clipforge-test/shards"
-    assert convert.main(_argv(table, url)) == 0
+    how = "move"
+    url = f"memory://clipforge-test/{how}"
+    assert store.kind(url) == how
     fs = fsspec.filesystem("memory")
-    got = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find("/clipforge-test/shards")}
+    fs.pipe_file(f"/clipforge-test/{how}/00004.tar.tmp", b"torn")
+    try:
+        with pytest.raises(RuntimeError), shards.ShardWriter(f"{url}/00009.tar") as writer:
+            writer.add("000000000", {"txt": b"half a shard"})
+            raise RuntimeError("fetch died")
+        assert convert.main(_argv(table, url)) == 0
+        got = {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(f"/clipforge-test/{how}")}
+    finally:
+        fs.rm(f"/clipforge-test/{how}", recursive=True)
     want = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
     assert sorted(got) == sorted(want)
     assert all(got[n] == want[n] for n in want if n != "manifest.json")
-    fs.rm("/clipforge-test", recursive=True)
+
+
+def test_a_changed_finished_shard_is_not_trusted(
+    table: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finished shards are known by their stats; a tar whose size is not the recorded one
+    stops the resume with one line instead of being listed in a manifest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001_stats.json"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    (out / "00001.tar").write_bytes((reference / "00001.tar").read_bytes()[:-10240])
+    assert convert.main(_argv(table, str(out))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "00001.tar" in err[0] and "changed after it was written" in err[0]
+    assert not (out / "manifest.json").exists()
 
 
 def test_trainer_trains_from_the_bucket(s3, table: Path, reference: Path, tmp_path: Path) -> None:
@@ -305,3 +332,33 @@ def test_trainer_trains_from_the_bucket(s3, table: Path, reference: Path, tmp_pa
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
     assert all(r.get("data_errors", 0) == 0 for r in rows)
+
+
+def test_unusable_outputs_are_one_error_line(
+    s3, table: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for url, says in (
+        ("s3://no-such-bucket-here/ds", "no-such-bucket-here"),
+        ("nosuchproto://x/ds", "nosuchproto"),
+    ):
+        assert convert.main(_argv(table, url)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --output") and says in err[0], err
+
+
+def test_chunk_files_stay_on_local_disk() -> None:
+    parser = convert.build_parser()
+    base = ["--input", "rows.csv"]
+    local = parser.parse_args([*base, "--output", "out"])
+    assert convert.work_dir(local, convert.output_dir(local)) == Path("out") / "_work"
+    remote = parser.parse_args([*base, "--output", "s3://b/ds/", "--slice-count", "2"])
+    works = []
+    for index in (0, 1):
+        remote.slice_index = index
+        out = convert.output_dir(remote)
+        assert out == f"s3://b/ds/part-0000{index}"
+        works.append(convert.work_dir(remote, out))
+    assert works[0] != works[1]
+    assert all(w.parent == Path(tempfile.gettempdir()) / "clipforge-work" for w in works)
+    remote.work_dir = "/scratch/w"
+    assert convert.work_dir(remote, convert.output_dir(remote)) == Path("/scratch/w/part-00001")
