@@ -13,8 +13,8 @@ How the work flows, and why (details in chunks.py and packer.py):
      ``error: ...`` line and exit code 2 before any image is fetched.
   2. Rows are cut into chunks; worker processes turn each chunk into ``WORK/chunk-*.bin``
      (tar records of its good rows) and ``chunk-*.json`` (every row's outcome). WORK is local:
-     ``OUT/_work`` for a local OUT, else ``--work-dir`` (default: a folder under $TMPDIR named
-     after OUT).
+     ``OUT/_work`` for a local OUT, else ``--work-dir DIR``/<hash of OUT> (default DIR:
+     $TMPDIR/clipforge-work).
   3. The main process feeds chunks to the packer in input order; it cuts the stream of
      successes into shards of exactly --samples-per-shard (only the last may be short). Output
      bytes therefore depend on the input and the settings, never on --processes or timing.
@@ -159,8 +159,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slice-count", type=int, default=None, help="Slurm array: number of slices")
     g.add_argument("--overwrite", action="store_true", help="discard earlier output in --output")
     g.add_argument("--work-dir", default=None,
-                   help="local folder for chunk files (default: OUT/_work for a local OUT, "
-                   "else $TMPDIR/clipforge-work/<hash of OUT>)")  # fmt: skip
+                   help="local folder for chunk files, in DIR/<hash of OUT>/ (default: OUT/_work "
+                   "for a local OUT, else $TMPDIR/clipforge-work)")  # fmt: skip
     g.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     g.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -233,13 +233,12 @@ def output_dir(args: argparse.Namespace) -> str:
 def work_dir(args: argparse.Namespace, out: str) -> Path:
     """The local folder of chunk files: workers write it with plain file I/O and the packer
     seeks in it, so it never lives on an object store."""
-    if args.work_dir is not None:
-        base = Path(args.work_dir)
-        return base / f"part-{args.slice_index:05d}" if args.slice_count is not None else base
-    if store.is_local(out):
-        return Path(out) / WORK_DIR
-    digest = hashlib.sha256(out.encode("utf-8")).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "clipforge-work" / digest
+    if args.work_dir is None and store.is_local(out):
+        return Path(store.filesystem(out)[1]) / WORK_DIR  # file:///x -> /x/_work
+    base = Path(args.work_dir or Path(tempfile.gettempdir()) / "clipforge-work")
+    # A folder of our own inside the one given, named after OUT: each slice of an array gets
+    # its own, and removing it after success never touches anything else there.
+    return base / hashlib.sha256(out.encode("utf-8")).hexdigest()[:16]
 
 
 def check_images_dir(rows: list[Row], base_dir: str) -> None:
@@ -307,7 +306,8 @@ def _plans(out: str, work: Path) -> list[tuple[str, str]]:
     The output's marks an unfinished conversion where the shards are (a resume elsewhere finds
     it); the work folder's keeps chunk files of one conversion from feeding another."""
     plans = [(store.join(out, WORK_DIR, PLAN), str(out))]
-    if not store.is_local(out) or Path(out).resolve() / WORK_DIR != work.resolve():
+    local = store.is_local(out)
+    if not local or Path(store.filesystem(out)[1]).resolve() / WORK_DIR != work.resolve():
         plans.append((str(work / PLAN), f"--work-dir {work}"))
     return plans
 

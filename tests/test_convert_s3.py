@@ -215,7 +215,7 @@ def test_kill_9_on_s3_never_shows_a_partial_object_and_resumes_to_the_same_bytes
         assert hashlib.sha256(got[entry["name"]]).hexdigest() == entry["sha256"]
         assert len(got[entry["name"]]) == entry["bytes"]
     assert _uploads(s3, "killed/") == []  # the killed run's unfinished uploads were aborted
-    assert not (tmp_path / "node-b").exists()  # work folder removed after success
+    assert list((tmp_path / "node-b").iterdir()) == []  # its own work folder removed, only
     assert inspect.main([url]) == 0  # every member decodes; sizes and sha256 match the manifest
 
 
@@ -350,7 +350,9 @@ def test_chunk_files_stay_on_local_disk() -> None:
     parser = convert.build_parser()
     base = ["--input", "rows.csv"]
     local = parser.parse_args([*base, "--output", "out"])
-    assert convert.work_dir(local, convert.output_dir(local)) == Path("out") / "_work"
+    assert convert.work_dir(local, convert.output_dir(local)) == Path("out").resolve() / "_work"
+    url = parser.parse_args([*base, "--output", "file:///data/out"])
+    assert convert.work_dir(url, convert.output_dir(url)) == Path("/data/out/_work")
     remote = parser.parse_args([*base, "--output", "s3://b/ds/", "--slice-count", "2"])
     works = []
     for index in (0, 1):
@@ -360,5 +362,7 @@ def test_chunk_files_stay_on_local_disk() -> None:
         works.append(convert.work_dir(remote, out))
     assert works[0] != works[1]
     assert all(w.parent == Path(tempfile.gettempdir()) / "clipforge-work" for w in works)
-    remote.work_dir = "/scratch/w"
-    assert convert.work_dir(remote, convert.output_dir(remote)) == Path("/scratch/w/part-00001")
+    remote.work_dir = "/scratch/w"  # a folder of its own inside, named after the output
+    assert (
+        convert.work_dir(remote, convert.output_dir(remote)) == Path("/scratch/w") / works[1].name
+    )
