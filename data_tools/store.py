@@ -86,12 +86,6 @@ def kind(location: str | Path) -> str:
     return "object" if _protocols(fs) & OBJECT_STORES else "move"
 
 
-def exists(location: str | Path) -> bool:
-    fs, path = _fs(location)
-    fs.invalidate_cache(posixpath.dirname(path))  # another process may have written it since
-    return fs.exists(path)
-
-
 def isfile(location: str | Path) -> bool:
     fs, path = _fs(location)
     return fs.isfile(path)
