@@ -7,8 +7,9 @@ only on the input and the settings, never on --processes or timing.
 
 Resume: a shard counts as finished when its ``NNNNN_stats.json`` exists (written after its tar
 and report, each whole or not at all: store.py) and its tar has the size the stats record; a
-tar of another size is never trusted (DamagedOutput). Replaying the stream after a crash skips finished shards without reading their
-samples, and rewrites an unfinished one from the chunk files, to the same bytes. A chunk's
+tar of another size is never trusted (DamagedOutput). Replaying the stream after a crash skips
+finished shards without reading their samples, and rewrites an unfinished one from the chunk
+files, to the same bytes. OUT may be any fsspec URL; the chunk files are local. A chunk's
 ``.bin`` is deleted once every sample in it sits in a finished shard, so the work folder never
 holds much more than the shard being written.
 """
