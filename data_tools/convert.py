@@ -3,6 +3,7 @@
     python -m data_tools.convert --input rows.parquet --url-col url --caption-col caption \\
         --output shards/ --image-size 256 --resize-mode center_crop --processes 8
     python -m data_tools.convert --input captions_val2017.json --images val2017/ --output coco/
+    python -m data_tools.convert --input rows.parquet --output s3://bucket/ds/ --work-dir /scratch/w
     python -m data_tools.convert --input cifar/test --caption-template "a photo of a {label}" \\
         --output zs/ --zeroshot-templates templates.txt      # + KEY.cls, classnames.txt
     clipforge-convert --help                     # same, as an installed console script
@@ -10,13 +11,20 @@
 How the work flows, and why (details in chunks.py and packer.py):
   1. The whole input is read and checked first: a bad table, option or column is one
      ``error: ...`` line and exit code 2 before any image is fetched.
-  2. Rows are cut into chunks; worker processes turn each chunk into ``OUT/_work/chunk-*.bin``
-     (tar records of its good rows) and ``chunk-*.json`` (every row's outcome).
+  2. Rows are cut into chunks; worker processes turn each chunk into ``WORK/chunk-*.bin``
+     (tar records of its good rows) and ``chunk-*.json`` (every row's outcome). WORK is local:
+     ``OUT/_work`` for a local OUT, else ``--work-dir DIR``/<hash of OUT> (default DIR:
+     $TMPDIR/clipforge-work).
   3. The main process feeds chunks to the packer in input order; it cuts the stream of
      successes into shards of exactly --samples-per-shard (only the last may be short). Output
      bytes therefore depend on the input and the settings, never on --processes or timing.
   4. Re-running the same command after a crash or ``kill -9`` keeps finished chunks and shards
      and redoes the rest, to the same bytes. manifest.json is written last.
+OUT may be any fsspec URL (s3://, gs://, ...): shards, reports and the manifest go straight
+there, each appearing whole or not at all (store.py), and ``OUT/_work/plan.json`` marks an
+unfinished conversion there. A resume on another machine, without the old WORK, keeps every
+finished shard and writes the others (fetching and encoding every chunk again: the chunk files
+were on the old machine); a half-uploaded object is never trusted.
 Bad rows (unreachable, corrupt, filtered, duplicate) are reported per shard and never stop the
 run: the exit code is 0 whenever it ran to the end. A Slurm array converts slice I of N of the
 input with ``--slice-index I --slice-count N`` into OUT/part-0000I/; ``python -m
@@ -26,6 +34,7 @@ data_tools.merge_manifests OUT`` then writes one manifest (launch/convert_slurm.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import math
@@ -33,6 +42,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -40,9 +50,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_tools import chunks, fetch, images, readers, shards
+from data_tools import chunks, fetch, images, readers, shards, store
 from data_tools.layouts import class_label, fill_template
-from data_tools.packer import Packer, WorkFilesMissing
+from data_tools.packer import DamagedOutput, Packer, WorkFilesMissing
 from data_tools.rows import ColumnSpec, Dataset, ReadOptions, Row, TableError
 
 EXIT_USAGE = 2
@@ -52,7 +62,8 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 # Settings that change how fast or how patiently the work is done, not what it produces:
 # a resume may change them (say a longer --timeout) and still continue the same conversion.
 RUNTIME_ARGS = {"processes", "threads", "chunk_rows", "timeout", "retries", "user_agent"}
-RUNTIME_ARGS |= {"output", "overwrite", "keep_work", "progress"}
+RUNTIME_ARGS |= {"output", "overwrite", "keep_work", "progress", "work_dir"}
+PLAN = "plan.json"
 
 
 class UsageError(ValueError):
@@ -131,7 +142,8 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and execution")
-    g.add_argument("--output", required=True, help="output folder (local)")
+    g.add_argument("--output", required=True,
+                   help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")  # fmt: skip
     g.add_argument("--samples-per-shard", "--number-sample-per-shard", type=_positive_int,
                    default=10000)  # fmt: skip
     g.add_argument("--processes", type=_positive_int, default=default_processes())
@@ -146,7 +158,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slice-index", type=int, default=None, help="Slurm array: this task's slice")
     g.add_argument("--slice-count", type=int, default=None, help="Slurm array: number of slices")
     g.add_argument("--overwrite", action="store_true", help="discard earlier output in --output")
-    g.add_argument("--keep-work", action="store_true", help="keep OUT/_work after success")
+    g.add_argument("--work-dir", default=None,
+                   help="local folder for chunk files, in DIR/<hash of OUT>/ (default: OUT/_work "
+                   "for a local OUT, else $TMPDIR/clipforge-work)")  # fmt: skip
+    g.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     g.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -203,9 +218,27 @@ def image_options(args: argparse.Namespace) -> images.ImageOptions:
     )
 
 
-def output_dir(args: argparse.Namespace) -> Path:
-    out = Path(args.output)
-    return out / f"part-{args.slice_index:05d}" if args.slice_count is not None else out
+def output_dir(args: argparse.Namespace) -> str:
+    """Where shards go: a local path or fsspec URL (a slice's own part-NNNNN under it)."""
+    out = args.output.rstrip("/") if store.is_url(args.output) else args.output
+    if args.slice_count is not None:
+        out = store.join(out, f"part-{args.slice_index:05d}")
+    try:
+        store.filesystem(out)
+    except store.StoreError as e:
+        raise UsageError(f"--output {e}") from None
+    return out
+
+
+def work_dir(args: argparse.Namespace, out: str) -> Path:
+    """The local folder of chunk files: workers write it with plain file I/O and the packer
+    seeks in it, so it never lives on an object store."""
+    if args.work_dir is None and store.is_local(out):
+        return Path(store.filesystem(out)[1]) / WORK_DIR  # file:///x -> /x/_work
+    base = Path(args.work_dir or Path(tempfile.gettempdir()) / "clipforge-work")
+    # A folder of our own inside the one given, named after OUT: each slice of an array gets
+    # its own, and removing it after success never touches anything else there.
+    return base / hashlib.sha256(out.encode("utf-8")).hexdigest()[:16]
 
 
 def check_images_dir(rows: list[Row], base_dir: str) -> None:
@@ -254,50 +287,82 @@ def fingerprint(args: argparse.Namespace, rows: list[Row]) -> str:
     return digest.hexdigest()
 
 
-def _remove_outputs(out: Path) -> None:
-    for pattern in ("[0-9]*.tar", "[0-9]*_stats.json", "[0-9]*.parquet", "*.tmp"):
-        for path in out.glob(pattern):
-            path.unlink()
-    for name in (shards.MANIFEST_NAME, CLASSNAMES, TEMPLATES):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+OUTPUT_PATTERNS = ("[0-9]*.tar", "[0-9]*_stats.json", "[0-9]*.parquet", "*.tmp")
 
 
-def prepare_output(out: Path, fp: str, overwrite: bool) -> bool:
-    """Make the folder ready; True when it already holds this very conversion, finished."""
-    if out.exists() and not out.is_dir():
+def _remove_outputs(out: str, work: Path) -> None:
+    names = store.listing(out)
+    doomed = [n for n in names if any(fnmatch.fnmatch(n, p) for p in OUTPUT_PATTERNS)]
+    doomed += [n for n in (shards.MANIFEST_NAME, CLASSNAMES, TEMPLATES) if n in names]
+    store.remove([store.join(out, n) for n in doomed])
+    if WORK_DIR in names:
+        store.remove([store.join(out, WORK_DIR)], recursive=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _plans(out: str, work: Path) -> list[tuple[str, str]]:
+    """(plan path, what to name in an error): the output's, and the work folder's when apart.
+
+    The output's marks an unfinished conversion where the shards are (a resume elsewhere finds
+    it); the work folder's keeps chunk files of one conversion from feeding another."""
+    plans = [(store.join(out, WORK_DIR, PLAN), str(out))]
+    local = store.is_local(out)
+    if not local or Path(store.filesystem(out)[1]).resolve() / WORK_DIR != work.resolve():
+        plans.append((str(work / PLAN), f"--work-dir {work}"))
+    return plans
+
+
+def _read_plan(path: str) -> dict[str, Any] | None:
+    data = store.read_if_exists(path)
+    return json.loads(data) if data is not None else None
+
+
+def prepare_output(out: str, work: Path, fp: str, overwrite: bool) -> bool:
+    """Make the output and work folder ready; True when OUT already holds this very
+    conversion, finished."""
+    if store.kind(out) != "object" and store.isfile(out):  # an S3 key "ds" is no conflict
         raise UsageError(f"--output {out} exists and is not a folder")
-    if overwrite and out.exists():
-        _remove_outputs(out)
-    manifest = out / shards.MANIFEST_NAME
-    if manifest.exists():
-        if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == fp:
+    if overwrite:
+        _remove_outputs(out, work)
+    manifest = _read_plan(store.join(out, shards.MANIFEST_NAME))
+    if manifest is not None:
+        if manifest.get("fingerprint") == fp:
             return True
         raise UsageError(
             f"{out} holds a finished conversion of other settings or input; "
             "pass --overwrite to replace it, or choose another --output"
         )
-    plan = out / WORK_DIR / "plan.json"
-    if plan.exists() and json.loads(plan.read_text(encoding="utf-8")).get("fingerprint") != fp:
-        raise UsageError(
-            f"{out} holds an unfinished conversion of other settings or input; "
-            "pass --overwrite to discard it, or choose another --output"
-        )
-    (out / WORK_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.tmp"), *(out / WORK_DIR).glob("*.tmp")]:
-        stale.unlink()  # torn writes of a killed run; finished files were renamed into place
+    for plan, where in _plans(out, work):
+        known = _read_plan(plan)
+        if known is not None and known.get("fingerprint") != fp:
+            raise UsageError(
+                f"{where} holds an unfinished conversion of other settings or input; "
+                "pass --overwrite to discard it, or choose another --output"
+            )
+    store.makedirs(out)
+    work.mkdir(parents=True, exist_ok=True)
+    # Torn writes of a killed run (temporary names, S3 uploads never completed): finished
+    # objects were committed whole, so whatever is not is thrown away, never trusted.
+    store.clear_partials(out)
+    for stale in work.glob("*.tmp"):
+        stale.unlink()
     return False
 
 
-def plan_chunks(out: Path, fp: str, n_rows: int, args: argparse.Namespace) -> int:
+def plan_chunks(out: str, work: Path, fp: str, n_rows: int, args: argparse.Namespace) -> int:
     """Rows per chunk: from an unfinished run's plan when resuming, so chunk files match."""
-    path = out / WORK_DIR / "plan.json"
-    if path.exists():
-        return int(json.loads(path.read_text(encoding="utf-8"))["chunk_rows"])
+    plans = {path: _read_plan(path) for path, _ in _plans(out, work)}
+    known = [plan for plan in plans.values() if plan is not None]
     # Several chunks per process balance the load; <= 1000 rows keeps a redo after a crash
     # short. The output does not depend on this number.
     size = args.chunk_rows or max(16, min(1000, math.ceil(n_rows / (args.processes * 8))))
-    shards.write_json(path, {"fingerprint": fp, "chunk_rows": size, "rows": n_rows})
+    size = int(known[0]["chunk_rows"]) if known else size
+    plan = {"fingerprint": fp, "chunk_rows": size, "rows": n_rows, "output": str(out)}
+    for path, found in plans.items():
+        if found is None:
+            if not store.is_url(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            shards.write_json(path, plan)
     return size
 
 
@@ -373,12 +438,13 @@ def _templates(value: str) -> list[str]:
     return [t.strip().replace("{label}", "{}").replace("{c}", "{}") for t in lines if t.strip()]
 
 
-def write_sidecars(out: Path, ds: Dataset, args: argparse.Namespace) -> None:
+def write_sidecars(out: str, ds: Dataset, args: argparse.Namespace) -> None:
     if ds.classnames is not None:
-        shards.write_bytes(out / CLASSNAMES, ("\n".join(ds.classnames) + "\n").encode("utf-8"))
+        text = "\n".join(ds.classnames) + "\n"
+        shards.write_bytes(store.join(out, CLASSNAMES), text.encode("utf-8"))
     if args.zeroshot_templates is not None:
         text = "\n".join(_templates(args.zeroshot_templates)) + "\n"
-        shards.write_bytes(out / TEMPLATES, text.encode("utf-8"))
+        shards.write_bytes(store.join(out, TEMPLATES), text.encode("utf-8"))
 
 
 def tool_version() -> str:
@@ -388,7 +454,9 @@ def tool_version() -> str:
         return "unknown"
 
 
-def finish(out: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows: int) -> dict:
+def finish(
+    out: str, work: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows: int
+) -> dict:
     infos = packer.finish()
     status = {s: packer.status.get(s, 0) for s in ("ok", "failed", "filtered", "duplicate")}
     extra: dict[str, Any] = {
@@ -402,9 +470,10 @@ def finish(out: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows:
         extra["slice"] = {"index": args.slice_index, "count": args.slice_count}
     failed = n_rows - status["ok"]
     manifest = shards.new_manifest(infos, failed, vars(args), tool_version(), **extra)
-    shards.write_manifest(out, manifest)
+    shards.write_manifest(out, manifest)  # last: from here on the conversion counts as finished
     if not args.keep_work:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        store.remove([store.join(out, WORK_DIR)], recursive=True)
     return manifest
 
 
@@ -424,31 +493,48 @@ def load_dataset(args: argparse.Namespace) -> tuple[Dataset, list[Row], str]:
     return ds, rows, base_dir
 
 
+def open_output(out: str, work: Path, fp: str, n_rows: int, args: argparse.Namespace) -> int | None:
+    """Prepare and plan: rows per chunk, or None when OUT already holds this conversion.
+
+    Nothing has been done yet, so a store that refuses us (no such bucket, no permission) is
+    a usage error like a bad option."""
+    try:
+        if prepare_output(out, work, fp, args.overwrite):
+            return None
+        return plan_chunks(out, work, fp, n_rows, args)
+    except OSError as e:
+        raise UsageError(f"--output {out}: {type(e).__name__}: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ds, rows, base_dir = load_dataset(args)
         out = output_dir(args)
+        work = work_dir(args, out)
         fp = fingerprint(args, rows)
-        if prepare_output(out, fp, args.overwrite):
-            print(f"{out} already holds this conversion, finished; nothing to do", file=sys.stderr)
-            return 0
-        size = plan_chunks(out, fp, len(rows), args)
+        size = open_output(out, work, fp, len(rows), args)
     except (TableError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    tasks = make_tasks(rows, size, args, out / WORK_DIR, base_dir)
-    packer = Packer(out, out / WORK_DIR, args.samples_per_shard, args.dedupe in ("content", "both"))
+    if size is None:
+        print(f"{out} already holds this conversion, finished; nothing to do", file=sys.stderr)
+        return 0
+    tasks = make_tasks(rows, size, args, work, base_dir)
     try:
-        run(tasks, out / WORK_DIR, packer, args)
-    except WorkFilesMissing as e:
+        packer = Packer(out, work, args.samples_per_shard, args.dedupe in ("content", "both"))
+        run(tasks, work, packer, args)
+        write_sidecars(out, ds, args)
+        manifest = finish(out, work, packer, args, fp, len(rows))
+    except (WorkFilesMissing, DamagedOutput) as e:
         print(f"error: {e}; re-run with --overwrite to start over", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
-    write_sidecars(out, ds, args)
-    manifest = finish(out, packer, args, fp, len(rows))
+    except OSError as e:  # the store failed mid-run: what was committed stays valid
+        print(f"error: {type(e).__name__}: {e}; re-run the same command to resume", file=sys.stderr)
+        return 1
     s = manifest["status"]
     print(
         f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {out} "

@@ -1,6 +1,7 @@
 """Merge the per-slice manifests of a Slurm array conversion into one manifest.json.
 
     python -m data_tools.merge_manifests OUT          # OUT/part-00000 ... OUT/part-NNNNN
+    python -m data_tools.merge_manifests s3://bucket/ds   # OUT may be any fsspec URL
 
 Each array task ran ``python -m data_tools.convert ... --output OUT --slice-index I
 --slice-count N`` and left a finished shard folder ``OUT/part-0000I/``. This checks that all N
@@ -20,11 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_tools import shards
+from data_tools import shards, store
 
 SIDECARS = ("classnames.txt", "zeroshot_classification_templates.txt")
 # Arguments that legitimately differ between the slices of one conversion.
 PER_SLICE_ARGS = {"slice_index", "processes", "threads", "chunk_rows", "timeout", "retries"}
+PER_SLICE_ARGS |= {"work_dir"}  # each task's own local scratch
 
 
 class MergeError(ValueError):
@@ -35,16 +37,19 @@ def _settings(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest["args"].items() if k not in PER_SLICE_ARGS}
 
 
-def read_parts(out: Path) -> list[tuple[str, dict[str, Any]]]:
+def read_parts(out: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """(folder name, manifest) per slice, in slice order; every slice must be finished."""
-    folders = sorted(p for p in out.glob("part-*") if p.is_dir())
+    entries = store.listing(out)  # one request per 1,000 names on an object store
+    folders = sorted(n for n, e in entries.items() if n.startswith("part-") and e["type"] != "file")
     if not folders:
         raise MergeError(f"{out}: no part-* folders (run the conversion with --slice-count)")
     parts = []
     for folder in folders:
-        if not (folder / shards.MANIFEST_NAME).exists():
-            raise MergeError(f"{folder} has no manifest.json: that slice has not finished")
-        parts.append((folder.name, shards.read_manifest(folder)))
+        if store.read_if_exists(store.join(out, folder, shards.MANIFEST_NAME)) is None:
+            raise MergeError(
+                f"{store.join(out, folder)} has no manifest.json: that slice has not finished"
+            )
+        parts.append((folder, shards.read_manifest(store.join(out, folder))))
     count = parts[0][1].get("slice", {}).get("count")
     indices = [m.get("slice", {}).get("index") for _, m in parts]
     if count is None or indices != list(range(count)):
@@ -57,7 +62,7 @@ def read_parts(out: Path) -> list[tuple[str, dict[str, Any]]]:
     return parts
 
 
-def merge(out: Path) -> dict[str, Any]:
+def merge(out: str | Path) -> dict[str, Any]:
     parts = read_parts(out)
     infos, reports = [], []
     status: Counter[str] = Counter()
@@ -83,9 +88,9 @@ def merge(out: Path) -> dict[str, Any]:
         slices=[name for name, _ in parts],
     )
     for sidecar in SIDECARS:
-        source = out / parts[0][0] / sidecar
-        if source.exists():
-            shards.write_bytes(out / sidecar, source.read_bytes())
+        data = store.read_if_exists(store.join(out, parts[0][0], sidecar))
+        if data is not None:
+            shards.write_bytes(store.join(out, sidecar), data)
     shards.write_manifest(out, manifest)
     return manifest
 
@@ -94,16 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data_tools.merge_manifests", description=__doc__.split("\n")[0]
     )
-    p.add_argument("output", type=Path, help="the --output folder of the array tasks")
+    p.add_argument("output", help="the --output folder or URL of the array tasks")
     args = p.parse_args(argv)
     try:
         manifest = merge(args.output)
-    except (MergeError, OSError, ValueError) as e:
+    except (MergeError, OSError, ValueError) as e:  # StoreError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
         f"merged {len(manifest['slices'])} slices: {manifest['samples']} samples in "
-        f"{len(manifest['shards'])} shards -> {args.output / shards.MANIFEST_NAME}",
+        f"{len(manifest['shards'])} shards -> {store.join(args.output, shards.MANIFEST_NAME)}",
         file=sys.stderr,
     )
     return 0

@@ -6,20 +6,21 @@ goes to shard n // samples_per_shard. So every shard but the last is full, and t
 only on the input and the settings, never on --processes or timing.
 
 Resume: a shard counts as finished when its ``NNNNN_stats.json`` exists (written after its tar
-and report). Replaying the stream after a crash skips finished shards without reading their
-samples, and rewrites an unfinished one from the chunk files, to the same bytes. A chunk's
+and report, each whole or not at all: store.py) and its tar has the size the stats record; a
+tar of another size is never trusted (DamagedOutput). Replaying the stream after a crash skips
+finished shards without reading their samples, and rewrites an unfinished one from the chunk
+files, to the same bytes. OUT may be any fsspec URL; the chunk files are local. A chunk's
 ``.bin`` is deleted once every sample in it sits in a finished shard, so the work folder never
 holds much more than the shard being written.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from data_tools import shards
+from data_tools import shards, store
 from data_tools.chunks import DUPLICATE, OK, chunk_name
 
 STATUSES = ("ok", "failed", "filtered", "duplicate")
@@ -29,13 +30,23 @@ class WorkFilesMissing(RuntimeError):
     """A chunk's samples are needed again but its work file is gone."""
 
 
+class DamagedOutput(RuntimeError):
+    """A finished shard's tar is missing or differs from its stats: changed after the fact."""
+
+
 def category(error: str | None) -> str:
     return str(error).split(":", 1)[0]
 
 
 class Packer:
-    def __init__(self, out: Path, work: Path, samples_per_shard: int, dedupe_content: bool):
+    def __init__(
+        self, out: str | Path, work: Path, samples_per_shard: int, dedupe_content: bool
+    ) -> None:
+        # out: a local folder or any fsspec URL; work: the local folder of chunk files.
         self.out, self.work = out, work
+        # What an earlier run left, listed once (one request per 1,000 objects on S3) rather
+        # than asked shard by shard; shards this run writes are never looked up again.
+        self.existing = store.listing(out)
         self.per_shard = samples_per_shard
         self.dedupe_content = dedupe_content
         self.shard = 0  # index of the shard being filled
@@ -53,11 +64,18 @@ class Packer:
         return shards.shard_stem(self.shard)
 
     def _finished(self) -> dict[str, Any] | None:
-        path = self.out / f"{self._stem()}_stats.json"
-        if not path.exists():
+        name = f"{self._stem()}_stats.json"
+        if name not in self.existing:
             return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        done = shards.read_json(store.join(self.out, name))
+        if done["samples"]:
+            size = self.existing.get(done["shard"], {}).get("size")
+            if size != done["bytes"]:
+                raise DamagedOutput(
+                    f"{store.join(self.out, done['shard'])} holds {size} bytes where its stats "
+                    f"say {done['bytes']}: it changed after it was written"
+                )
+        return done
 
     def _dedupe(self, outcome: dict[str, Any]) -> dict[str, Any]:
         if outcome["status"] != OK or not self.dedupe_content:
@@ -92,7 +110,7 @@ class Packer:
 
     def _needs_writer(self) -> bool:
         if self.writer is None and self.in_shard == 0 and self._finished() is None:
-            self.writer = shards.ShardWriter(self.out / f"{self._stem()}.tar")
+            self.writer = shards.ShardWriter(store.join(self.out, f"{self._stem()}.tar"))
         return self.writer is not None
 
     def _open_bin(self, index: int) -> BinaryIO:
@@ -113,9 +131,9 @@ class Packer:
         done = self._finished()
         if done is None:
             info = self.writer.close() if self.writer is not None else None
-            shards.write_report(self.out / f"{stem}.parquet", self.report)
+            shards.write_report(store.join(self.out, f"{stem}.parquet"), self.report)
             done = self._stats(info)
-            shards.write_json(self.out / f"{stem}_stats.json", done)
+            shards.write_json(store.join(self.out, f"{stem}_stats.json"), done)
         if done["samples"]:
             self.infos.append(
                 shards.ShardInfo(done["shard"], done["samples"], done["bytes"], done["sha256"])

@@ -3,7 +3,9 @@
 Used by ``python -m data_tools.convert``; print a folder's manifest summary with
 ``python -m data_tools.shards DIR``.
 
-Shard folder layout (the contract with ``clipforge.data``, which must not import this module)::
+Shard folder layout (the contract with ``clipforge.data``, which must not import this module);
+DIR is a local folder or any fsspec URL (``s3://bucket/prefix``), and every file in it appears
+whole or not at all (store.py says how on each kind of filesystem)::
 
     DIR/00000.tar            WebDataset shard: per sample KEY.jpg (or .webp), KEY.txt, KEY.json
                              [, KEY.cls]; every shard holds --samples-per-shard samples but the last
@@ -46,14 +48,20 @@ Shard names are relative to DIR (a merged Slurm conversion names them ``part-000
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import posixpath
 import sys
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import fsspec
+
+from data_tools import store
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clipforge-shards/1"
@@ -94,34 +102,25 @@ def tar_record(key: str, members: Mapping[str, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible (or needed) on every platform.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(tmp: Path, final: Path, durable: bool = True) -> None:
+    """Rename a finished local temporary file into place (the work folder's chunk files)."""
     os.replace(tmp, final)
     if durable:
-        fsync_dir(final.parent)
+        store.fsync_dir(final.parent)
 
 
 class ShardWriter:
-    """Writes ``NAME.tar.tmp``; ``close()`` fsyncs and renames it, so readers never see a torn tar.
+    """Streams a tar to ``path`` (a local path or any fsspec URL) that appears only, whole, at
+    ``close()``: locally ``NAME.tar.tmp`` + fsync + rename, on S3 a multipart upload completed at
+    the end (store.py). Readers never see a torn tar.
 
-    Use as a context manager: leaving it by an exception deletes the temporary file.
+    Use as a context manager: leaving it by an exception discards what was written.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - stays open across add() calls
+        self.path = path
+        self.name = posixpath.basename(str(path))
+        self._file = store.open_atomic(path)
         self._hash = hashlib.sha256()
         self._bytes = 0
         self.samples = 0
@@ -145,15 +144,11 @@ class ShardWriter:
         # End of archive: two zero blocks, then zeros up to a whole record, as tarfile does.
         end = self._bytes + 2 * _BLOCK
         self._write(b"\0" * (2 * _BLOCK + (-end) % _RECORD))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        commit(self._tmp, self.path)
-        return ShardInfo(self.path.name, self.samples, self._bytes, self._hash.hexdigest())
+        self._file.commit()
+        return ShardInfo(self.name, self.samples, self._bytes, self._hash.hexdigest())
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._file.abort()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -164,21 +159,18 @@ class ShardWriter:
 
 
 def write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
-    """Atomic write (tmp + [fsync] + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    commit(tmp, path, durable)
+    """Atomic write to a path or URL (tmp + [fsync] + rename, or one PUT on an object store)."""
+    store.write_bytes(path, data, durable)
 
 
 def write_json(path: str | Path, obj: Any, durable: bool = True) -> None:
-    """Atomic JSON write (tmp + fsync + rename)."""
+    """Atomic JSON write (see write_bytes)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
     write_bytes(path, text.encode("utf-8"), durable)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(store.read_bytes(path))
 
 
 def write_report(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -189,15 +181,15 @@ def write_report(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
     rows = list(rows)
     # Column by column: Table.from_pylist would import pandas, a second of start-up for nothing.
     table = pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in REPORT_COLUMNS})
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    commit(tmp, path)
+    buffer = io.BytesIO()  # one shard's rows: small enough to send in one piece
+    pq.write_table(table, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a local file or any fsspec URL, streamed."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fsspec.open(str(path), "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -219,25 +211,24 @@ def new_manifest(
     }
 
 
-def _manifest_path(path_or_dir: str | Path) -> Path:
-    path = Path(path_or_dir)
-    return path / MANIFEST_NAME if path.is_dir() else path
+def _manifest_path(path_or_dir: str | Path) -> str:
+    path = str(path_or_dir)
+    return path if path.endswith(".json") else store.join(path_or_dir, MANIFEST_NAME)
 
 
 def read_manifest(path_or_dir: str | Path) -> dict[str, Any]:
-    """Load ``manifest.json`` from a shard folder (or the file itself) and check its format."""
+    """Load ``manifest.json`` from a shard folder or URL (or the file itself), check its format."""
     path = _manifest_path(path_or_dir)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = read_json(path)
     fmt = manifest.get("format", "")
     if not str(fmt).startswith("clipforge-shards/"):
         raise ValueError(f"{path}: not a clipforge shard manifest (format={fmt!r})")
     return manifest
 
 
-def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``DIR/manifest.json`` atomically; returns its path."""
-    path = Path(directory) / MANIFEST_NAME
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> str:
+    """Write ``DIR/manifest.json`` atomically (DIR: a folder or URL); returns its path."""
+    path = store.join(directory, MANIFEST_NAME)
     write_json(path, manifest)
     return path
 
