@@ -85,6 +85,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def _directives(text: str) -> list[str]:
     # "noai,noindex"; "" or "none" (or img2dataset's '[]') disables the X-Robots-Tag check.
     names = [d.strip(" '\"").lower() for d in text.strip().strip("[]").split(",")]
@@ -153,7 +160,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive_int, default=16, help="fetch threads per process")
     g.add_argument("--chunk-rows", type=_positive_int, default=None,
                    help="rows per work unit (default: from rows and processes, <= 1000)")  # fmt: skip
-    g.add_argument("--timeout", type=float, default=10.0,
+    g.add_argument("--timeout", type=_positive_seconds, default=10.0,
                    help="seconds per remote fetch attempt in all: DNS, connect, headers, body")  # fmt: skip
     g.add_argument("--retries", type=int, default=2, help="extra tries per remote fetch")
     g.add_argument("--max-bytes", type=_positive_int, default=fetch.DEFAULT_MAX_BYTES,
@@ -174,14 +181,14 @@ def _polite_args(p: argparse.ArgumentParser) -> None:
                    help="where site owners reach you, put in the default User-Agent")  # fmt: skip
     g.add_argument("--disallowed-header-directives", type=_directives,
                    default=list(fetch.OPT_OUT_DIRECTIVES), metavar="A,B",
-                   help="X-Robots-Tag directives that turn a row away (default: %(default)s; "
-                   "'none' disables the check)")  # fmt: skip
+                   help="X-Robots-Tag directives that turn a row away (default: "
+                   f"{','.join(fetch.OPT_OUT_DIRECTIVES)}; 'none' disables the check)")  # fmt: skip
     g.add_argument("--robots-txt", action="store_true",
                    help="obey each image host's robots.txt (fetched once per host and process)")  # fmt: skip
-    g.add_argument("--host-connections", type=_positive_int, default=8,
-                   help="requests in flight per host, per process")  # fmt: skip
-    g.add_argument("--max-retry-after", type=_seconds, default=60.0,
-                   help="seconds: a 429/503 asking for a longer wait fails the host's rows")  # fmt: skip
+    g.add_argument("--host-connections", type=_positive_int, default=8, metavar="N",
+                   help="requests in flight per host, per process (default: 8)")  # fmt: skip
+    g.add_argument("--max-retry-after", type=_seconds, default=60.0, metavar="S",
+                   help="a 429/503 asking for a longer wait fails the host's rows (default: 60)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

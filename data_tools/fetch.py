@@ -203,7 +203,7 @@ class Deadline:
 class Resolver:
     """getaddrinfo answers cached per process, keyed by host name; lookups bounded in time."""
 
-    TTL, NEGATIVE_TTL = 300.0, 30.0
+    TTL, NEGATIVE_TTL, MAX_ENTRIES = 300.0, 30.0, 100_000
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[float, Any]] = {}
@@ -220,7 +220,10 @@ class Resolver:
         error = future.exception()
         ttl = self.NEGATIVE_TTL if error else self.TTL
         with self._lock:
-            self._cache[host] = (time.monotonic() + ttl, error or future.result())
+            now = time.monotonic()
+            if len(self._cache) > self.MAX_ENTRIES:  # a run meets millions of host names
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[host] = (now + ttl, error or future.result())
             self._pending.pop(host, None)
 
     def resolve(self, host: str, port: int, timeout: float) -> list[Any]:

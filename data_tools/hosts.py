@@ -52,6 +52,7 @@ class _Host:
     name: str
     queue: deque[_Job] = field(default_factory=deque)
     active: int = 0  # attempts in flight
+    delayed: int = 0  # rows waiting on the clock for their own retry
     not_before: float = 0.0  # monotonic time the host asked us to wait for
     overloads: int = 0  # 429/503 answers in a row
     timeouts: int = 0  # timed-out attempts in a row
@@ -190,8 +191,18 @@ class Fetcher:
                 if retry_at <= host.not_before:  # the host's own wait: keep the row's place
                     host.queue.appendleft(job)
                 else:
+                    host.delayed += 1
                     fetch.CLOCK.call_at(retry_at, lambda: self._requeue(host, job))
             self._pump(host)
+            self._forget_if_idle(host)
+
+    def _forget_if_idle(self, host: _Host) -> None:
+        # A run meets millions of hosts: keep only those with state worth keeping (work,
+        # waits, a failure streak, robots rules).
+        idle = not (host.active or host.delayed or host.queue or host.wake or host.overloads)
+        idle = idle and not host.timeouts and host.robots_state == "none"
+        if idle and host.skip_until < time.monotonic() and host.not_before < time.monotonic():
+            self._hosts.pop(host.name, None)
 
     def _check_robots(self, host: _Host, url: str) -> None:
         if host.robots is None:
@@ -227,6 +238,7 @@ class Fetcher:
 
     def _requeue(self, host: _Host, job: _Job) -> None:
         with self._lock:
+            host.delayed -= 1
             host.queue.appendleft(job)
             self._pump(host)
 
