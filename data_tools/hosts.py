@@ -19,8 +19,9 @@ in that host's queue and the threads take other hosts' rows meanwhile; one clock
   in a row that timed out, the host's rows fail at once (``timeout: ... skipped``) for
   ``SKIP_S`` seconds, so a dead host cannot hold the last shards for rows x timeout.
 * robots.txt (with --robots-txt, RFC 9309): fetched by the first row of each host, the host's
-  other rows wait for it in the host's queue; 4xx means no rules; 5xx, 429 or no answer means
-  "disallow all" as the RFC says.
+  other rows wait for it in the host's queue; 4xx means no rules; 5xx or 429 means "disallow
+  all" as the RFC says (rows: opt-out); no answer at all (timeout, DNS, refused) disallows too,
+  but the rows count as failures of that category, since no one opted out.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ class Fetcher:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if not host.robots.allows(path):
             detail = host.robots.reason or f"disallowed for {self.opts.token}"
+            if host.robots.failure:  # no answer at all: the row failed, nobody opted out
+                raise fetch.FetchError(f"{host.robots.failure}: {url}: {detail}")
             raise fetch.OptOut(f"robots.txt: {url}: {detail}")
 
     def _retry_time(self, host: _Host, error: fetch.FetchError, job: _Job) -> float | None:
@@ -246,6 +249,7 @@ class Fetcher:
 def robots_rules(origin: str, opts: fetch.FetchOptions) -> polite.RobotsRules:
     """The rules of ``origin``'s robots.txt for our product token (RFC 9309 status handling)."""
     url = f"{origin}/robots.txt"
+    failure: str | None = None
     for attempt in range(1 + max(0, opts.retries)):
         try:
             text = fetch.http_get(url, opts, limit=polite.ROBOTS_MAX_BYTES)
@@ -253,12 +257,13 @@ def robots_rules(origin: str, opts: fetch.FetchOptions) -> polite.RobotsRules:
         except fetch.HTTPStatusError as e:
             if 400 <= e.code < 500 and e.code != 429:
                 return polite.RobotsRules.allow_all()  # "unavailable": no rules apply
-            reason = f"http {e.code}"
+            reason, failure = f"http {e.code}", None
         except fetch.FetchError as e:
-            reason = str(e).split(":", 1)[0]
+            reason = failure = str(e).split(":", 1)[0]
         if attempt < opts.retries:
             time.sleep(fetch.backoff_delay(opts, attempt))  # once per host: a short wait is fine
-    return polite.RobotsRules.disallow_all(f"{url} unreachable ({reason}): RFC 9309 disallows")
+    why = f"{url} unreachable ({reason}): RFC 9309 disallows"
+    return polite.RobotsRules.disallow_all(why, failure)
 
 
 _current: tuple[tuple[object, ...], Fetcher] | None = None

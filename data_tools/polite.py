@@ -78,14 +78,17 @@ class RobotsRules:
 
     rules: list[tuple[int, bool, re.Pattern[str]]] = field(default_factory=list)
     reason: str | None = None  # set when everything is disallowed without rules (unreachable)
+    # When the host itself could not be reached (no answer at all, not a 5xx), the rows are
+    # failures of that category ("timeout", "dns failed"), not opt-outs.
+    failure: str | None = None
 
     @classmethod
     def allow_all(cls) -> RobotsRules:
         return cls()
 
     @classmethod
-    def disallow_all(cls, reason: str) -> RobotsRules:
-        return cls([(0, False, re.compile(""))], reason)
+    def disallow_all(cls, reason: str, failure: str | None = None) -> RobotsRules:
+        return cls([(0, False, re.compile(""))], reason, failure)
 
     def allows(self, path: str) -> bool:
         """``path`` is the URL's path and query (``/img/1.jpg?x=2``)."""

@@ -50,18 +50,18 @@ class Host:
                     host.requests.append((time.monotonic(), self.path, self.headers["User-Agent"]))
                     host.active += 1
                     host.max_active = max(host.max_active, host.active)
-                try:
-                    time.sleep(host.delay)
-                    code, headers, body = host.route(self.path, nth)
-                    self.send_response(code)
-                    for name, value in [*headers, ("Content-Length", str(len(body)))]:
-                        self.send_header(name, value)
-                    self.end_headers()
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        self.wfile.write(body)
-                finally:
-                    with host.lock:
-                        host.active -= 1
+                time.sleep(host.delay)
+                # Counted until the answer starts: the client cannot have begun its next
+                # request before then, so overlaps seen here are real concurrent requests.
+                with host.lock:
+                    host.active -= 1
+                code, headers, body = host.route(self.path, nth)
+                self.send_response(code)
+                for name, value in [*headers, ("Content-Length", str(len(body)))]:
+                    self.send_header(name, value)
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -211,11 +211,17 @@ def test_robots_txt_fetched_once_per_host_and_obeyed(
     for i in range(12):  # interleaved hosts; the first rows of each arrive together
         urls += [f"{rules.url}/img/{i % 3}.jpg?r={i}", f"{down.url}/img/{i % 8}.jpg?r={i}"]
         urls += [f"{none.url}/img/{i % 8}.jpg?r={i}", f"{rules.url}/other/{i % 8}/img/0.jpg"]
+    refused = "http://127.0.0.1:9/"  # nothing listens: no robots.txt answer at all
+    urls += [f"{refused}img/{i}.jpg" for i in range(2)]
     flags = ("--robots-txt", "--threads", "8", "--retries", "0")
     manifest, report = run(tmp_path, urls, *flags, name="robots")
     assert [h.paths("/robots.txt") for h in (rules, down, none)] == [["/robots.txt"]] * 3
     by_url = {u: r for u, r in zip(urls, report, strict=True)}
     for url, row in by_url.items():
+        if url.startswith(refused):
+            assert row["status"] == "failed" and row["error"].startswith("fetch failed: "), row
+            assert "robots.txt unreachable" in row["error"]
+            continue
         if url.startswith(down.url):
             want = "opt-out"  # 5xx: "complete disallow"
         elif url.startswith(rules.url):
@@ -228,7 +234,8 @@ def test_robots_txt_fetched_once_per_host_and_obeyed(
     assert not down.paths("/img/") and rules.paths("/img/") == [
         p for p in rules.paths("/img/") if p.startswith("/img/1")
     ]
-    assert manifest["failure_reasons"] == {"robots.txt": manifest["status"]["opt-out"]}
+    opted_out = manifest["status"]["opt-out"]
+    assert manifest["failure_reasons"] == {"robots.txt": opted_out, "fetch failed": 2}
     # Without the flag nobody's robots.txt is asked for.
     _, report = run(tmp_path, urls[:8], name="plain")
     assert all(r["status"] == "ok" for r in report) and len(rules.paths("/robots.txt")) == 1
