@@ -229,9 +229,11 @@ class Fetcher:
             wait = 0.0
             if code in (429, 503):  # the whole host waits, whether or not this row retries
                 wait = getattr(error, "retry_after", None)
-                if wait is None:
+                if wait is None and host.not_before > now:
+                    wait = host.not_before - now  # an answer to the same burst: no escalation
+                elif wait is None:
                     wait = fetch.backoff_delay(self.opts, min(host.overloads, 6))
-                host.overloads += 1
+                    host.overloads += 1  # overloaded again after a wait: wait longer
                 host.not_before = max(host.not_before, now + wait)
             if job.attempt >= self.opts.retries or wait > self.opts.max_retry_after:
                 return None

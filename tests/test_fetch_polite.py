@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_tools import convert, fetch, polite, shards
+from data_tools import convert, fetch, hosts, polite, shards
 
 Answer = tuple[int, list[tuple[str, str]], bytes]  # status, headers, body
 
@@ -290,6 +290,26 @@ def test_429_and_503_retry_after_delay_only_that_host(
     meanwhile = [t for t, _, _ in fast.requests if t < first + 0.95]
     assert len(meanwhile) >= 12
     assert time.monotonic() - start < 6
+
+
+def test_one_burst_of_429s_without_retry_after_backs_off_once(
+    serve: Callable[..., Host], jpegs: list[bytes]
+) -> None:
+    def busy(path: str, nth: int) -> Answer | None:
+        return (429, [], b"slow down") if nth == 0 else None
+
+    host = serve(image_route(jpegs, busy), delay=0.1)
+    opts = fetch.FetchOptions(timeout=5, retries=1, backoff=0.2, host_connections=5)
+    fetcher = hosts.Fetcher(opts, threads=5)
+    try:
+        start = time.monotonic()
+        futures = [fetcher.submit(f"{host.url}/img/{i}.jpg") for i in range(5)]
+        assert all(f.result(timeout=10) == jpegs[i] for i, f in enumerate(futures))
+    finally:
+        fetcher.close()
+    # Five 429s of one burst are one overload: one backoff (0.1-0.3 s), not 0.2 x 2^4 x jitter.
+    assert len(host.requests) == 10 and time.monotonic() - start < 1.2
+    assert min(t for t, _, _ in host.requests[5:]) >= host.requests[4][0] + 0.1
 
 
 def trickle_or_stuck(stop: threading.Event) -> tuple[str, str]:
