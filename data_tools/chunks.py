@@ -6,10 +6,10 @@ records of the rows that became samples, in row order) and then ``WORK/chunk-000
 (every row's outcome and the length of its record). The JSON is renamed into place last: its
 presence marks the chunk done, so a killed run redoes only chunks without one.
 
-Inside a worker, a small thread pool fetches a bounded window of rows ahead (network and disk
-waits overlap) while the worker's own thread decodes, resizes and encodes one image at a time:
-one CPU per process, memory bounded by the window, and the order of rows never depends on
-timing.
+Inside a worker, the process's fetch threads (``data_tools.hosts``: per-host caps, backoff,
+opt-outs) fetch a bounded window of rows ahead (network and disk waits overlap) while the
+worker's own thread decodes, resizes and encodes one image at a time: one CPU per process,
+memory bounded by the window, and the order of rows never depends on timing.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from data_tools import fetch, images, shards
+from data_tools import fetch, hosts, images, shards
 from data_tools.rows import Row
 
-T = TypeVar("T")
-R = TypeVar("R")
-OK, FAILED, FILTERED, DUPLICATE = "ok", "failed", "filtered", "duplicate"
+OK, FAILED, FILTERED, DUPLICATE, OPT_OUT = "ok", "failed", "filtered", "duplicate", "opt-out"
+# Rows fetched ahead of the one being encoded, per fetch thread: enough that other hosts' rows
+# keep coming while one host backs off, few enough to bound memory (64 images at 16 threads).
+LOOKAHEAD = 4
 
 
 class SampleError(ValueError):
@@ -117,26 +118,41 @@ def members(row: Row, encoded: images.EncodedImage, digest: str) -> dict[str, by
     return out
 
 
-def load_bytes(row: Row, task: ChunkTask) -> bytes:
-    if row.data is not None:
-        return row.data
-    source = fetch.resolve_source(row.source, task.base_dir)
-    return fetch.fetch_bytes(source, task.fetch, row.member)
-
-
-def _fetch(row: Row, task: ChunkTask) -> bytes | Exception:
-    # Runs in a fetch thread: errors travel back as values so the row order is kept.
+def _start(row: Row, task: ChunkTask, fetcher: hosts.Fetcher) -> bytes | Future[bytes]:
     if row.index in task.verdicts:
         return b""
+    if row.data is not None:
+        return row.data
+    return fetcher.submit(fetch.resolve_source(row.source, task.base_dir), row.member)
+
+
+def _result(item: bytes | Future[bytes]) -> bytes | Exception:
+    # Errors travel back as values so the row order is kept.
+    if not isinstance(item, Future):
+        return item
     try:
-        return load_bytes(row, task)
-    except Exception as e:  # noqa: BLE001 - reported per row, see _outcome
+        return item.result()
+    except Exception as e:  # noqa: BLE001 - reported per row, see _error_outcome
         return e
+
+
+def fetched_in_order(task: ChunkTask) -> Iterator[bytes | Exception]:
+    """Each row's bytes (or its error) in row order, fetched LOOKAHEAD x threads rows ahead."""
+    fetcher = hosts.fetcher_for(task.work_dir, task.fetch, task.threads)
+    window: deque[bytes | Future[bytes]] = deque()
+    for row in task.rows:
+        window.append(_start(row, task, fetcher))
+        if len(window) >= LOOKAHEAD * task.threads:
+            yield _result(window.popleft())
+    while window:
+        yield _result(window.popleft())
 
 
 def _error_outcome(error: Exception) -> tuple[str, str]:
     if isinstance(error, images.FilteredError):
         return FILTERED, str(error)
+    if isinstance(error, fetch.OptOut):
+        return OPT_OUT, str(error)
     if isinstance(error, fetch.FetchError | images.ImageError | SampleError):
         return FAILED, str(error)
     # One unforeseen library error must not cost the other rows of a days-long run;
@@ -166,18 +182,6 @@ def process_row(
     return outcome, record
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """``map`` on a thread pool, in input order, never more than 2 x threads results ahead."""
-    window: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for item in items:
-            window.append(pool.submit(fn, item))
-            if len(window) >= 2 * threads:
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
-
-
 def run_chunk(task: ChunkTask) -> ChunkSummary:
     """Process every row of the chunk and commit its two work files."""
     work = Path(task.work_dir)
@@ -186,8 +190,7 @@ def run_chunk(task: ChunkTask) -> ChunkSummary:
     ok = 0
     bin_tmp = work / f"{name}.bin.tmp"
     with open(bin_tmp, "wb") as out:
-        fetched = ordered_map(lambda r: _fetch(r, task), task.rows, task.threads)
-        for row, data in zip(task.rows, fetched, strict=True):
+        for row, data in zip(task.rows, fetched_in_order(task), strict=True):
             outcome, record = process_row(row, data, task)
             out.write(record)
             ok += outcome["status"] == OK

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from data_tools import chunks, fetch, images, readers, shards, store
 from data_tools.layouts import class_label, fill_template
-from data_tools.packer import DamagedOutput, Packer, WorkFilesMissing
+from data_tools.packer import STATUSES, DamagedOutput, Packer, WorkFilesMissing
 from data_tools.rows import ColumnSpec, Dataset, ReadOptions, Row, TableError
 
 EXIT_USAGE = 2
@@ -62,6 +62,7 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 # Settings that change how fast or how patiently the work is done, not what it produces:
 # a resume may change them (say a longer --timeout) and still continue the same conversion.
 RUNTIME_ARGS = {"processes", "threads", "chunk_rows", "timeout", "retries", "user_agent"}
+RUNTIME_ARGS |= {"user_agent_contact", "host_connections", "max_retry_after"}
 RUNTIME_ARGS |= {"output", "overwrite", "keep_work", "progress", "work_dir"}
 PLAN = "plan.json"
 
@@ -86,6 +87,27 @@ def _quality(text: str) -> int:
 
 def _column_list(text: str) -> list[str]:
     return [col.strip() for col in text.split(",") if col.strip()]
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def _directives(text: str) -> list[str]:
+    # "noai,noindex"; "" or "none" (or img2dataset's '[]') disables the X-Robots-Tag check.
+    names = [d.strip(" '\"").lower() for d in text.strip().strip("[]").split(",")]
+    names = [d for d in names if d]
+    return [] if names == ["none"] else names
 
 
 def default_processes() -> int:
@@ -150,11 +172,12 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=_positive_int, default=16, help="fetch threads per process")
     g.add_argument("--chunk-rows", type=_positive_int, default=None,
                    help="rows per work unit (default: from rows and processes, <= 1000)")  # fmt: skip
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds per remote fetch")
+    g.add_argument("--timeout", type=_positive_seconds, default=10.0,
+                   help="seconds per remote fetch attempt in all: DNS, connect, headers, body")  # fmt: skip
     g.add_argument("--retries", type=int, default=2, help="extra tries per remote fetch")
     g.add_argument("--max-bytes", type=_positive_int, default=fetch.DEFAULT_MAX_BYTES,
                    help="refuse sources larger than this")  # fmt: skip
-    g.add_argument("--user-agent", default=fetch.USER_AGENT)
+    _polite_args(p)
     g.add_argument("--slice-index", type=int, default=None, help="Slurm array: this task's slice")
     g.add_argument("--slice-count", type=int, default=None, help="Slurm array: number of slices")
     g.add_argument("--overwrite", action="store_true", help="discard earlier output in --output")
@@ -163,6 +186,24 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "for a local OUT, else $TMPDIR/clipforge-work)")  # fmt: skip
     g.add_argument("--keep-work", action="store_true", help="keep the work folder after success")
     g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _polite_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("polite fetching (rows a host opts out of get status 'opt-out')")
+    g.add_argument("--user-agent", default=None,
+                   help="the whole User-Agent header (default: clipforge-data_tools/VERSION (+URL))")  # fmt: skip
+    g.add_argument("--user-agent-contact", default=None, metavar="URL",
+                   help="where site owners reach you, put in the default User-Agent")  # fmt: skip
+    g.add_argument("--disallowed-header-directives", type=_directives,
+                   default=list(fetch.OPT_OUT_DIRECTIVES), metavar="A,B",
+                   help="X-Robots-Tag directives that turn a row away (default: "
+                   f"{','.join(fetch.OPT_OUT_DIRECTIVES)}; 'none' disables the check)")  # fmt: skip
+    g.add_argument("--robots-txt", action="store_true",
+                   help="obey each image host's robots.txt (fetched once per host and process)")  # fmt: skip
+    g.add_argument("--host-connections", type=_positive_int, default=8, metavar="N",
+                   help="requests in flight per host, per process (default: 8)")  # fmt: skip
+    g.add_argument("--max-retry-after", type=_seconds, default=60.0, metavar="S",
+                   help="a 429/503 asking for a longer wait fails the host's rows (default: 60)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,7 +423,16 @@ def make_tasks(
 
 
 def fetch_options(args: argparse.Namespace) -> fetch.FetchOptions:
-    return fetch.FetchOptions(args.timeout, args.retries, args.max_bytes, args.user_agent)
+    return fetch.FetchOptions(
+        timeout=args.timeout,
+        retries=args.retries,
+        max_bytes=args.max_bytes,
+        user_agent=args.user_agent or fetch.default_user_agent(args.user_agent_contact),
+        disallowed_directives=tuple(args.disallowed_header_directives),
+        robots_txt=args.robots_txt,
+        host_connections=args.host_connections,
+        max_retry_after=args.max_retry_after,
+    )
 
 
 def _results(pending: list[chunks.ChunkTask], processes: int) -> Iterator[chunks.ChunkSummary]:
@@ -458,7 +508,7 @@ def finish(
     out: str, work: Path, packer: Packer, args: argparse.Namespace, fp: str, n_rows: int
 ) -> dict:
     infos = packer.finish()
-    status = {s: packer.status.get(s, 0) for s in ("ok", "failed", "filtered", "duplicate")}
+    status = {s: packer.status.get(s, 0) for s in STATUSES}
     extra: dict[str, Any] = {
         "rows": n_rows,
         "status": status,
@@ -539,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {manifest['samples']} samples in {len(manifest['shards'])} shards to {out} "
         f"({len(rows)} rows: {s['failed']} failed, {s['filtered']} filtered, "
-        f"{s['duplicate']} duplicate)",
+        f"{s['duplicate']} duplicate, {s['opt-out']} opt-out)",
         file=sys.stderr,
     )
     return 0

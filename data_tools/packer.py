@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from data_tools import shards, store
 from data_tools.chunks import DUPLICATE, OK, chunk_name
 
-STATUSES = ("ok", "failed", "filtered", "duplicate")
+STATUSES = ("ok", "failed", "filtered", "duplicate", "opt-out")
 
 
 class WorkFilesMissing(RuntimeError):
