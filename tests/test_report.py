@@ -180,7 +180,7 @@ def test_counts_failures_and_histograms(converted: Path, page: tuple[Path, str])
     manifest = shards.read_manifest(converted)
     p = Page(page[1])
     status = manifest["status"]
-    assert status == {"ok": GOOD, "failed": 2, "filtered": 1, "duplicate": 1}
+    assert status == {"ok": GOOD, "failed": 2, "filtered": 1, "duplicate": 1, "opt-out": 0}
     assert num(p.cards["samples"]) == manifest["samples"] == GOOD
     assert num(p.cards["rows"]) == manifest["rows"] == GOOD + len(BAD)
     assert {s: num(p.cards[s]) for s in status} == status
@@ -194,7 +194,7 @@ def test_counts_failures_and_histograms(converted: Path, page: tuple[Path, str])
     for row, entry in zip(per_shard, manifest["shards"], strict=False):
         stats = json.loads((converted / f"{entry['name'][:-4]}_stats.json").read_text())
         assert num(row["samples"]) == stats["samples"] and num(row["rows"]) == stats["rows"]
-        for col in ("ok", "failed", "filtered", "duplicate"):
+        for col in ("ok", "failed", "filtered", "duplicate", "opt-out"):
             assert num(row[col]) == stats[col]
         assert {r: num(row[r]) for r in reasons if num(row[r])} == stats["failure_reasons"]
     assert sum(bool(json.loads(p_.read_text())["failure_reasons"]) for p_ in
