@@ -10,10 +10,10 @@ whole or not at all (store.py says how on each kind of filesystem)::
     DIR/00000.tar            WebDataset shard: per sample KEY.jpg (or .webp), KEY.txt, KEY.json
                              [, KEY.cls]; every shard holds --samples-per-shard samples but the last
     DIR/00000_stats.json     {"shard", "samples", "rows", "ok", "failed", "filtered", "duplicate",
-                              "failure_reasons": {category: n}, "first_key", "last_key", ...}
+                              "opt-out", "failure_reasons": {category: n}, "first_key", "last_key", ...}
     DIR/00000.parquet        row report: one row per input row from this shard's first sample
                              up to the next shard's first sample (key, source, status, error,
-                             sha256, note); status is ok, failed, filtered or duplicate
+                             sha256, note); status is ok, failed, filtered, duplicate or opt-out
     DIR/manifest.json        written last; its presence means the conversion finished
     DIR/classnames.txt       folder mode with class sub-folders (line i = class i)
     DIR/tokenizer.model      optional, from python -m data_tools.tokenizer
