@@ -61,6 +61,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from clipforge.data.eval_loader import EvalLoader
+from clipforge.data.samples import open_image
 from data_tools import shards
 from data_tools.convert import tool_version
 
@@ -175,48 +177,50 @@ def _sha(sample: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _loader_class():
-    from clipforge.data.eval_loader import EvalLoader
-    from clipforge.data.samples import open_image
+class ScoringLoader(EvalLoader):
+    """The eval loader whose batches say which samples failed instead of stopping; a module-level
+    class, since the decoding workers (--workers) get the loader pickled."""
 
-    class ScoringLoader(EvalLoader):
-        """The eval loader whose batches say which samples failed instead of stopping."""
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from PIL import Image
 
-        def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-            import torch
-            from PIL import Image
-
-            images, errors, captions = [], [], []
-            for s in samples:
-                cap, err, img = _caption(s), None, None
-                try:
-                    img = self.transform(open_image(s))
-                except Exception as e:  # PIL raises anything on a corrupt image
-                    err = f"image: {type(e).__name__}: {e}"
-                if err is None and not cap:
-                    err = "no caption (KEY.txt or KEY.json captions)"
-                images.append(img)
-                errors.append(err)
-                captions.append(cap or "")
-            blank = next((i for i in images if i is not None), None)
-            if blank is None:
-                blank = self.transform(Image.new("RGB", (8, 8)))
-            image = torch.stack([i if i is not None else torch.zeros_like(blank) for i in images])
-            return {
-                "image": image,
-                "key": [s["__key__"] for s in samples],
-                "caption": captions,
-                "error": errors,
-                "sha256": [_sha(s) for s in samples],
-            }
-
-    return ScoringLoader
+        images, errors, captions = [], [], []
+        for s in samples:
+            cap, err, img = _caption(s), None, None
+            try:
+                img = self.transform(open_image(s))
+            except Exception as e:  # PIL raises anything on a corrupt image
+                err = f"image: {type(e).__name__}: {e}"
+            if err is None and not cap:
+                err = "no caption (KEY.txt or KEY.json captions)"
+            images.append(img)
+            errors.append(err)
+            captions.append(cap or "")
+        blank = next((i for i in images if i is not None), None)
+        if blank is None:
+            blank = self.transform(Image.new("RGB", (8, 8)))
+        image = torch.stack([i if i is not None else torch.zeros_like(blank) for i in images])
+        return {
+            "image": image,
+            "key": [s["__key__"] for s in samples],
+            "caption": captions,
+            "error": errors,
+            "sha256": [_sha(s) for s in samples],
+        }
 
 
 def score_share(
-    checkpoint: str, device: str, threads: int, workers: int, urls: list[str], batch_size: int
+    checkpoint: str,
+    device: str,
+    threads: int,
+    workers: int,
+    urls: list[str],
+    batch_size: int,
+    keep_features: bool = True,
 ) -> list[ShardScores]:
-    """Score every sample of `urls` (one process's share), each shard's samples in order."""
+    """Score every sample of `urls` (one process's share), each shard's samples in order;
+    the image embeddings come back too when `keep_features` (the dedupe needs them)."""
     import torch
     import torch.nn.functional as F
 
@@ -230,7 +234,7 @@ def score_share(
     # Sizes left unknown on purpose: the loader then cuts batches inside each shard from its
     # first sample, the same batches for any share of the shards.
     sset = ShardSet(list(urls), [None] * len(urls))
-    loader = _loader_class()(sset, enc.transform, batch_size, workers=workers)
+    loader = ScoringLoader(sset, enc.transform, batch_size, workers=workers)
     parts: dict[tuple[int, int], dict[str, Any]] = {}
     with torch.no_grad():
         for batch in loader:
@@ -249,7 +253,8 @@ def score_share(
         s.scores += np.where(bad, np.nan, b["score"]).tolist()
         s.errors += b["error"]
         s.sha256 += b["sha256"]
-        s.features.append(b["features"])
+        if keep_features:
+            s.features.append(b["features"])
     return out
 
 
@@ -267,9 +272,13 @@ def shares(counts: list[int | None], parts: int) -> list[range]:
 
 def score_all(args: argparse.Namespace, urls: list[str], counts: list[int | None]):
     devices, threads = plan_devices(args.processes, args.device)
+    workers = args.workers
+    if workers is None:  # a GPU outruns one decoding process; on CPU the cores are the scorers
+        workers = 0 if devices[0] == "cpu" else max(1, min(8, _cores() // len(devices) - 1))
     runs = [r for r in shares(counts, len(devices)) if len(r)]
-    jobs = [(args.checkpoint, devices[i], threads, args.workers, [urls[j] for j in r],
-             args.batch_size) for i, r in enumerate(runs)]  # fmt: skip
+    dedupe = args.dedupe_threshold is not None
+    jobs = [(args.checkpoint, devices[i], threads, workers, [urls[j] for j in r],
+             args.batch_size, dedupe) for i, r in enumerate(runs)]  # fmt: skip
     if len(jobs) == 1:
         return score_share(*jobs[0])
     import multiprocessing
@@ -282,12 +291,17 @@ def score_all(args: argparse.Namespace, urls: list[str], counts: list[int | None
     return [s for part in results for s in part]
 
 
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def plan_devices(processes: int | None, device: str) -> tuple[list[str], int]:
     """(device of each scoring process, torch threads each on CPU)."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = _cores()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         gpus = torch.cuda.device_count()
@@ -621,7 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="scoring processes (default: one per GPU, else one per CPU core)",
     )
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes per scorer")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image decoding processes per scorer (default: 0 on CPU, up to 8 per GPU)",
+    )
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p  # fmt: skip
@@ -653,7 +672,7 @@ def check(args: argparse.Namespace):
         odd = [u for u in sset.urls if u.startswith(("http://", "https://", "pipe:"))]
         if odd:
             problems.append(f"{odd[0]}: cannot write reports beside it; give --output or --reports")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         problems.append(f"--workers must be >= 0, got {args.workers}")
     if problems:
         raise UsageError("; ".join(problems))
