@@ -380,7 +380,8 @@ def decide(results: list[ShardScores], args: argparse.Namespace, device: str) ->
     passes, thr = threshold_mask(scores, args.keep_fraction, args.min_score)
     status = np.where(np.isnan(scores), "failed", np.where(passes, "ok", "filtered")).astype(object)
     note: list[str | None] = [
-        None if p or math.isnan(v) else f"score {v:.4f} < {thr:.4f}" for p, v in zip(passes, scores)
+        None if p or math.isnan(v) else f"score {v:.4f}, kept from {thr:.4f}"
+        for p, v in zip(passes, scores)
     ]
     dup_key: list[str | None] = [None] * len(keys)
     similarity = np.full(len(keys), np.nan, np.float32)
@@ -571,7 +572,7 @@ def write_output(results, d: Decision, args, sset, urls: list[str], summ: dict[s
     status = summ["status"]
     manifest = shards.new_manifest(
         [info for info in infos if info],
-        len(urls) and summ["samples"] - status["ok"],
+        summ["samples"] - status["ok"],  # source samples not carried over, any reason
         vars(args),
         tool_version(),
         rows=summ["samples"],

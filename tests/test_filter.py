@@ -15,6 +15,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -154,19 +155,23 @@ def test_two_processes_give_the_same_bytes(demo, kept, tmp_path):
 
 def test_open_clip_export_scores_as_the_run_and_min_score(demo, kept, tmp_path):
     """--checkpoint RUN/open_clip (clipforge.export) reads through open_clip with the run's
-    tokenizer and gives the run's scores; --min-score is absolute; reports without --output."""
+    tokenizer and gives the run's scores; --min-score is absolute; without --output the
+    reports go beside the shards."""
     from clipforge.export import export_run
 
     export_run(demo.run)
-    reports = tmp_path / "reports"
-    assert run_filter(demo.noisy, "--checkpoint", demo.run / "open_clip", "--min-score", 0.3,
-                      "--reports", reports, "--processes", 1) == 0  # fmt: skip
-    theirs, ours = scores(reports), scores(kept)
+    src = tmp_path / "noisy"
+    shutil.copytree(demo.noisy, src)
+    assert run_filter(src, "--checkpoint", demo.run / "open_clip", "--min-score", 0.3,
+                      "--processes", 1) == 0  # fmt: skip
+    assert sorted(p.name for p in src.glob("*_scores.parquet")) == [
+        f"{i:05d}_scores.parquet" for i in range(5)
+    ]
+    theirs, ours = scores(src), scores(kept)
     assert [r["key"] for r in theirs] == [r["key"] for r in ours]
     np.testing.assert_allclose([r["score"] for r in theirs], [r["score"] for r in ours], atol=2e-4)
     assert all((r["status"] == "ok") == (r["score"] >= 0.3) for r in theirs)
-    assert json.loads((reports / "filter.json").read_text())["threshold"] == 0.3
-    assert not list(reports.glob("*.tar"))
+    assert json.loads((src / "filter.json").read_text())["threshold"] == 0.3
 
 
 def _png(img: Image.Image) -> bytes:
