@@ -606,10 +606,14 @@ def _positive(text: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        # One line, as every other bad input here (argparse would add its usage block first).
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_tools.filter", description=__doc__.split("\n")[0]
-    )
+    p = _Parser(prog="python -m data_tools.filter", description=__doc__.split("\n")[0])
     p.add_argument("shards", help="shard folder, manifest, brace pattern, .txt list (:: joins)")
     p.add_argument("--checkpoint", required=True, help="clipforge run dir or open_clip export")
     g = p.add_mutually_exclusive_group(required=True)
@@ -673,6 +677,11 @@ def check(args: argparse.Namespace):
         odd = [u for u in sset.urls if u.startswith(("http://", "https://", "pipe:"))]
         if odd:
             problems.append(f"{odd[0]}: cannot write reports beside it; give --output or --reports")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--device cuda: no CUDA device here")
     if args.workers is not None and args.workers < 0:
         problems.append(f"--workers must be >= 0, got {args.workers}")
     if problems:

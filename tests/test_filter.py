@@ -236,6 +236,11 @@ def test_bad_checkpoint_or_shards_is_one_error_line_and_writes_nothing(demo, tmp
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and why in err[0], err
         assert not out.exists()
+    # A bad flag: argparse's own check, still one line.
+    with pytest.raises(SystemExit) as exit_:
+        run_filter(demo.noisy, "--checkpoint", demo.run, "--keep-fraction", 1.5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "--keep-fraction" in err[0], err
     # A shard that breaks while scoring: still one line, and no reports beside the shards.
     broken = tmp_path / "broken"
     broken.mkdir()
