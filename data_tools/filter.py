@@ -671,7 +671,9 @@ def check(args: argparse.Namespace):
         out = Dest(args.output)
         if out.fs.exists(out.root) and out.fs.ls(out.root) and not args.overwrite:
             problems.append(f"--output {args.output} is not empty (--overwrite replaces it)")
-        if sset and any(_under(u, args.output) for u in sset.urls):
+        if sset and any(u.startswith("pipe:") for u in sset.urls):
+            problems.append("--output copies shards through fsspec: pipe: sources cannot be copied")
+        elif sset and any(_under(u, args.output) for u in sset.urls):
             problems.append(f"--output {args.output} holds the input shards")
     if sset and not (args.output or args.reports):
         odd = [u for u in sset.urls if u.startswith(("http://", "https://", "pipe:"))]
