@@ -68,7 +68,7 @@ from data_tools.convert import tool_version
 
 EXIT_USAGE = 2
 SUMMARY = "filter.json"
-SCORES_SUFFIX = "_scores.parquet"
+SCORES_SUFFIX = shards.SCORES_SUFFIX
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 RUN_FILES = ("config.yaml", "model.safetensors", "tokenizer.model")
 # Rows of the similarity matrix at once in the dedupe, and kept images per product: bounds the

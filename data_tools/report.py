@@ -15,7 +15,8 @@ Where the numbers come from, and why:
   - Counts, success rate and failure reasons come from the small files beside each tar, for
     every shard: ``NNNNN.parquet`` (one row per input row: our converter's ``status``/``error``,
     img2dataset's ``status``/``error_message``), else ``NNNNN_stats.json``. A numeric ``score``
-    column (written by data_tools.filter) adds a score histogram; without one there is none.
+    column, or data_tools.filter's ``NNNNN_scores.parquet`` beside the shard (its --output or
+    --reports, or beside the source shards), adds a score histogram; without one there is none.
   - Caption lengths, image sizes and the contact sheet need the tars themselves, which can be
     terabytes: they are read from at most ``--max-shards`` shards, evenly spaced (0: all), and the
     page says how many. Sheet samples are the ``--samples`` with the smallest
@@ -148,6 +149,15 @@ def _count_report(shard: Shard, data: bytes) -> None:
             shard.scores[str(key)] = value
 
 
+def _read_scores(data: bytes) -> dict[str, float]:
+    """key -> score of data_tools.filter's STEM_scores.parquet (null where a sample failed)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data), columns=["key", "score"])
+    pairs = zip(table.column("key").to_pylist(), table.column("score").to_pylist(), strict=True)
+    return {str(k): v for k, s in pairs if (v := _score(s)) is not None}
+
+
 def _count_stats(shard: Shard, stats: dict[str, Any]) -> None:
     if "status_dict" in stats:  # img2dataset: {"success": n, "<error message>": n, ...}
         for message, n in stats["status_dict"].items():
@@ -185,6 +195,11 @@ def read_side_files(shard: Shard) -> Shard:
         elif stats is not None:
             _count_stats(shard, stats)
             shard.counted = True
+        scored = _read_bytes(
+            stem + shards.SCORES_SUFFIX
+        )  # data_tools.filter's scores, when filtered
+        if scored is not None:
+            shard.scores = _read_scores(scored)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         shard.status, shard.reasons, shard.scores = Counter(), Counter(), {}
         shard.counted = False
@@ -236,7 +251,9 @@ def locate(part: str) -> Source:
     if manifest is not None and folder is not None:
         stems = {shard.stem for shard in out}
         for report in manifest.get("reports", []):
-            stem = _stem(f"{folder}/{report}").removesuffix(".parquet")
+            # convert lists NNNNN.parquet, data_tools.filter NNNNN_scores.parquet
+            stem = _stem(f"{folder}/{report}").removesuffix(shards.SCORES_SUFFIX)
+            stem = stem.removesuffix(".parquet")
             if stem not in stems:
                 out.append(Shard(stem, None, 0))
     if not out:

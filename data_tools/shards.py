@@ -67,6 +67,8 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clipforge-shards/1"
 SHARD_DIGITS = 5
 REPORT_COLUMNS = ("key", "source", "status", "error", "sha256", "note")
+# data_tools.filter's per-shard table beside STEM.tar (one row per sample, with its "score").
+SCORES_SUFFIX = "_scores.parquet"
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE  # tarfile pads archives to this; so do we, so both agree
 

@@ -249,3 +249,25 @@ def test_bad_checkpoint_or_shards_is_one_error_line_and_writes_nothing(demo, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert sorted(p.name for p in broken.iterdir()) == ["00000.tar"]
+
+
+def test_report_page_shows_the_filters_scores(demo, kept, tmp_path):
+    """data_tools.report on the filtered set reads its NNNNN_scores.parquet: a score histogram
+    of every scored sample, and the kept thumbnails carry their own score."""
+    from test_report import Page
+
+    from data_tools import report
+
+    out = tmp_path / "kept.html"
+    assert report.main([str(kept), "-o", str(out), "--samples", "6"]) == 0
+    text = out.read_text(encoding="utf-8")
+    page = Page(text)
+    rows = scores(kept)
+    assert "scores" in page.sections
+    assert sum(c for _, _, c in page.bars["score"]) == len(rows) == 500
+    assert len(page.thumbs) == 6
+    by_key = {r["key"]: r["score"] for r in rows}
+    assert all(by_key[t["key"]] is not None for t in page.thumbs)
+    for t in page.thumbs:  # each thumbnail's figure names its score
+        figure = text.split(f'data-key="{t["key"]}"', 1)[1].split("</figure>", 1)[0]
+        assert f"score {by_key[t['key']]:.3f}" in figure, t["key"]
