@@ -8,6 +8,8 @@
       checkpoints/         DeepSpeed tags step_00000100/ ... and DeepSpeed's `latest` pointer;
                            a tag counts only once it holds COMPLETE (written after every rank
                            saved), so a save cut short by a crash is never resumed from
+                           step_N/universal/: step_N converted for another world size, made
+                           by the first resume that needs it
       model.safetensors    fp32 weights of the newest checkpoint (model only, no optimizer)
 
 Client state saved beside DeepSpeed's shards, per rank: the step, the loader's position
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,8 @@ from clipforge.config import Config
 _TAG = re.compile(r"^step_(\d{8})$")
 # Written by rank 0 after every rank has finished writing the tag (train.save's barrier).
 COMPLETE = "COMPLETE"
+# TAG/universal/: the tag converted for loading at another world size (engine/deepspeed.py).
+UNIVERSAL = "universal"
 
 
 def ckpt_dir(run_dir: str | Path) -> Path:
@@ -191,6 +196,9 @@ def save_rank_state(root: Path, tag: str, rank: int, state: dict[str, Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         unmark_complete(root, tag)
+        # A conversion of the old contents for another world size (engine/deepspeed.py) would
+        # outlive them: it goes with the mark.
+        shutil.rmtree(path.parent / UNIVERSAL, ignore_errors=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -218,8 +226,6 @@ def prune(run_dir: str | Path, keep: int) -> list[str]:
         removed += [t for t in list_tags(run_dir) if t < complete[-1] and t not in complete]
     if not removed:
         return []
-    import shutil
-
     for tag in removed:
         shutil.rmtree(ckpt_dir(run_dir) / tag, ignore_errors=True)
     return removed

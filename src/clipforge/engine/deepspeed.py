@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.checkpoint import UNIVERSAL
 from clipforge.config import Config
 from clipforge.engine import dist
 from clipforge.engine import precision as prec
@@ -463,7 +464,6 @@ class Engine:
 
 
 # -- re-partitioning for another world size -------------------------------------------------------
-UNIVERSAL = "universal"  # RUN_DIR/checkpoints/step_N/universal/: the tag, world-size free
 # Param-group entries the scheduler owns (and `params`, which the optimizer owns).
 _SCHEDULED = ("params", "lr", "initial_lr")
 
