@@ -63,7 +63,9 @@ on_usr1() {
 trap on_usr1 USR1
 
 # One task per node; each starts torchrun, which rendezvous through a c10d store on the first node.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+# The task count is given, not inherited: a job requeued onto fewer nodes keeps the task count
+# (SLURM_NTASKS) of its first allocation.
+srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
   echo "clipforge: node ${SLURMD_NODENAME:-$(hostname)} node_rank ${SLURM_NODEID}"
   exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" \
     --rdzv-backend c10d --rdzv-endpoint "$3:$4" --rdzv-id "${SLURM_JOB_ID:-0}" \

@@ -113,8 +113,9 @@ def node2_back():
 
 def test_preemption_requeues_on_fewer_nodes_and_finishes(cluster, node2_back, tmp_path):
     """Preempted on 2 nodes, requeued while node2 is drained: the job comes back on node1
-    alone (sbatch -N 1-2), the trainer re-partitions the ZeRO-2 state for one rank, keeps the
-    global batch (train.batch_size 8 -> 16) and finishes every step exactly once."""
+    alone (its pending request cut to the one node left, as an operator would; a job
+    submitted with `sbatch -N 1-2` takes what is free by itself), the trainer re-partitions the ZeRO-2 state for one rank, keeps
+    the global batch (train.batch_size 8 -> 16) and finishes every step exactly once."""
     run, out = tmp_path / "run", tmp_path / "job.out"
     jid = _submit(
         out,
@@ -123,7 +124,6 @@ def test_preemption_requeues_on_fewer_nodes_and_finishes(cluster, node2_back, tm
         "deepspeed=zero2",
         "train.steps=200",
         "checkpoint.every=1000",
-        nodes="1-2",
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -144,6 +144,9 @@ def test_preemption_requeues_on_fewer_nodes_and_finishes(cluster, node2_back, tm
     while time.time() < deadline and _job_field(jid, "Restarts") in ("", "0"):
         time.sleep(0.5)
     assert _job_field(jid, "Restarts") == "1", out.read_text()[-3000:]
+    # Pending, asking for 2 nodes (2 tasks) with one left: it is given the one left.
+    shrink = _sh("scontrol", "update", f"jobid={jid}", "NumNodes=1", "NumTasks=1")
+    assert shrink.returncode == 0, shrink.stderr
     # The requeued job starts once the old job credential expires (cluster.sh: 10 s).
     state = _wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED"}, 420)
     log = out.read_text()
