@@ -315,7 +315,7 @@ DS_ZERO_KEYS = frozenset(
 )  # fmt: skip
 # Derived in engine/deepspeed.py from the typed config, so never set in the dict.
 DS_DERIVED = {
-    "train_batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size (per rank) or train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.batch_size",
     "gradient_accumulation_steps": "train.accum_chunks",
     "gradient_clipping": "train.grad_clip",
