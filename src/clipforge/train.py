@@ -2,7 +2,8 @@
 
     python -m clipforge.train experiment=smoke_cpu run_dir=/tmp/smoke
     torchrun --nproc_per_node 2 -m clipforge.train data.train=shards/ run_dir=runs/a
-    ... resume=latest            # continue the newest checkpoint in run_dir
+    ... resume=latest            # continue the newest checkpoint in run_dir, on any world
+                                 # size whose ranks split its global batch (docs/resume.md)
     ... model.init_from=runs/a   # start from a run's (or open_clip's) weights, not from scratch
 
 Configuration: conf/train.yaml and its groups, typed by clipforge/config.py.
