@@ -4,11 +4,15 @@
 #
 #   sbatch -N 2 launch/slurm.sh experiment=smoke_cpu run_dir=/shared/runs/smoke
 #   sbatch -N 64 --gpus-per-node 8 launch/slurm.sh model=vit_b32 data.train=s3://... run_dir=...
+#   sbatch -N 32-64 --gpus-per-node 8 launch/slurm.sh ...   # requeued onto whatever is free
 #
 # Every argument is a hydra override for clipforge.train. The configuration is validated before
 # any training process starts. Preemption: Slurm sends USR1 to this script 120 s before the end
 # (or when `scancel --signal=USR1 --batch JOB` asks); the trainers checkpoint at the next step
 # boundary and exit, then this script requeues the job, which resumes with resume=latest.
+# A requeue may land on another node count (-N MIN-MAX): the run keeps its global batch,
+# re-partitions its ZeRO state and, in data.mode=epoch, its exact place in the epoch
+# (docs/resume.md); a global batch that does not split over the new world stops at the check.
 #SBATCH --job-name=clipforge
 #SBATCH --ntasks-per-node=1
 #SBATCH --signal=B:USR1@120
@@ -59,7 +63,9 @@ on_usr1() {
 trap on_usr1 USR1
 
 # One task per node; each starts torchrun, which rendezvous through a c10d store on the first node.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+# The task count is given, not inherited: a job requeued onto fewer nodes keeps the task count
+# (SLURM_NTASKS) of its first allocation.
+srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
   echo "clipforge: node ${SLURMD_NODENAME:-$(hostname)} node_rank ${SLURM_NODEID}"
   exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" \
     --rdzv-backend c10d --rdzv-endpoint "$3:$4" --rdzv-id "${SLURM_JOB_ID:-0}" \

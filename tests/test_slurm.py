@@ -62,12 +62,12 @@ def _wait_state(jid: str, states: set[str], timeout: float) -> str:
     raise TimeoutError(f"job {jid} stuck in {_job_field(jid, 'JobState')}")
 
 
-def _submit(out: Path, *overrides: str) -> str:
+def _submit(out: Path, *overrides: str, nodes: str = "2") -> str:
     proc = _sh(
         "sbatch",
         "--parsable",
         "-N",
-        "2",
+        nodes,
         f"--output={out}",
         str(REPO / "launch" / "slurm.sh"),
         *overrides,
@@ -104,10 +104,26 @@ def test_invalid_config_fails_before_any_process_starts(cluster, tmp_path):
     assert "node_rank" not in log  # no srun task, no trainer was started
 
 
-def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
+@pytest.fixture
+def node2_back():
+    """Whatever a test does to node2, it is back in service afterwards."""
+    yield "node2"
+    _sh("scontrol", "update", "nodename=node2", "state=resume")
+
+
+def test_preemption_requeues_on_fewer_nodes_and_finishes(cluster, node2_back, tmp_path):
+    """Preempted on 2 nodes, requeued while node2 is drained: the job comes back on node1
+    alone (its pending request cut to the one node left, as an operator would; a job
+    submitted with `sbatch -N 1-2` takes what is free by itself), the trainer re-partitions the ZeRO-2 state for one rank, keeps
+    the global batch (train.batch_size 8 -> 16) and finishes every step exactly once."""
     run, out = tmp_path / "run", tmp_path / "job.out"
     jid = _submit(
-        out, "experiment=smoke_cpu", f"run_dir={run}", "train.steps=200", "checkpoint.every=1000"
+        out,
+        "experiment=smoke_cpu",
+        f"run_dir={run}",
+        "deepspeed=zero2",
+        "train.steps=200",
+        "checkpoint.every=1000",
     )
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -116,22 +132,30 @@ def test_preemption_checkpoints_requeues_and_finishes(cluster, tmp_path):
         time.sleep(0.5)
     else:
         pytest.fail(f"job never trained: {out.read_text()[-3000:] if out.exists() else ''}")
-    # What `#SBATCH --signal=B:USR1@120` does before a time limit or preemption.
+    assert "world_size=2 ranks_per_node=1 nodes=2" in out.read_text()
+    # What `#SBATCH --signal=B:USR1@120` does before a time limit or preemption; meanwhile
+    # node2 goes away (drained: it takes no new job once this one leaves it).
     assert _sh("scancel", "--signal=USR1", "--batch", jid).returncode == 0
+    drain = _sh("scontrol", "update", f"nodename={node2_back}", "state=drain", "reason=test")
+    assert drain.returncode == 0, drain.stderr
     # While the requeue kills the old batch script, the job can show a terminal state for a
     # moment; the restart counter is what says the requeue happened.
     deadline = time.time() + 120
     while time.time() < deadline and _job_field(jid, "Restarts") in ("", "0"):
         time.sleep(0.5)
     assert _job_field(jid, "Restarts") == "1", out.read_text()[-3000:]
+    # Pending, asking for 2 nodes (2 tasks) with one left: it is given the one left.
+    shrink = _sh("scontrol", "update", f"jobid={jid}", "NumNodes=1", "NumTasks=1")
+    assert shrink.returncode == 0, shrink.stderr
     # The requeued job starts once the old job credential expires (cluster.sh: 10 s).
     state = _wait_state(jid, {"COMPLETED", "FAILED", "CANCELLED"}, 420)
     log = out.read_text()
     assert state == "COMPLETED", log[-4000:]
     assert int(_job_field(jid, "Restarts")) == 1
     assert "preempted: saved step_" in log and "requeueing job" in log
-    assert "resumed from" in log
+    assert "world_size=1 ranks_per_node=1 nodes=1" in log
+    assert "resuming a checkpoint of 2 ranks on 1" in log and "train.batch_size=16" in log
     steps = [m["step"] for m in _metrics(run)]
-    assert steps[-1] == 200
     # Resumed right after the saved step: no step is trained twice or skipped.
     assert steps == list(range(1, 201)), steps
+    assert (run / "model.safetensors").is_file()

@@ -16,6 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from clipforge import checkpoint as ckpt
 from clipforge.config import Config, ConfigError, register, validate
 
 
@@ -34,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.overrides)
-        validate(cfg, args.world_size)
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        # A requeued job may come back on another world size: it keeps the checkpoint's
+        # global batch, which must split over this one (config.derive_batch).
+        found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
+        saved = ckpt.saved_layout(*found)[1] if found is not None else None
+        validate(cfg, args.world_size, saved_global=saved)
+    except (ConfigError, HydraException, OmegaConfBaseException, FileNotFoundError) as e:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -8,11 +8,15 @@
       checkpoints/         DeepSpeed tags step_00000100/ ... and DeepSpeed's `latest` pointer;
                            a tag counts only once it holds COMPLETE (written after every rank
                            saved), so a save cut short by a crash is never resumed from
+                           step_N/universal/: step_N converted for another world size, made
+                           by the first resume that needs it
       model.safetensors    fp32 weights of the newest checkpoint (model only, no optimizer)
 
 Client state saved beside DeepSpeed's shards, per rank: the step, the loader's position
 (which implies the samples seen) and the RNG states of python, numpy and torch, so a resumed
-run continues exactly where it stopped.
+run continues exactly where it stopped. COMPLETE records the world size and global batch; a
+resume at another world size keeps that global batch (config.derive_batch) and has the engine
+re-partition the ZeRO shards (engine/deepspeed.py, Engine.load; docs/resume.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,8 @@ from clipforge.config import Config
 _TAG = re.compile(r"^step_(\d{8})$")
 # Written by rank 0 after every rank has finished writing the tag (train.save's barrier).
 COMPLETE = "COMPLETE"
+# TAG/universal/: the tag converted for loading at another world size (engine/deepspeed.py).
+UNIVERSAL = "universal"
 
 
 def ckpt_dir(run_dir: str | Path) -> Path:
@@ -97,12 +104,29 @@ def complete_tags(run_dir: str | Path) -> list[str]:
     return [t for t in list_tags(run_dir) if is_complete(root, t)]
 
 
-def mark_complete(root: Path, tag: str, world_size: int) -> None:
-    """Call on one rank once every rank's files of `tag` are on disk (after a barrier)."""
+def mark_complete(root: Path, tag: str, world_size: int, global_batch: int | None = None) -> None:
+    """Call on one rank once every rank's files of `tag` are on disk (after a barrier). The
+    mark records the layout the tag was written with, which a resume on another world size
+    reads before it builds anything (saved_layout)."""
     path = Path(root) / tag / COMPLETE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"tag": tag, "world_size": world_size}) + "\n")
+    record: dict[str, Any] = {"tag": tag, "world_size": world_size}
+    if global_batch is not None:
+        record["global_batch"] = global_batch
+    tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(path)
+
+
+def saved_layout(root: Path, tag: str) -> tuple[int, int | None]:
+    """(world size, global batch) a complete tag was written with. The global batch is None for
+    tags written before it was recorded, unless rank 0's loader state gives it."""
+    record = json.loads((Path(root) / tag / COMPLETE).read_text())
+    world, total = int(record["world_size"]), record.get("global_batch")
+    if total is None and has_rank_state(root, tag, 0):
+        geo = load_rank_state(root, tag, 0).get("loader", {}).get("geometry")
+        if isinstance(geo, dict):
+            total = int(geo["batch"]) * int(geo["world"])
+    return world, (int(total) if total is not None else None)
 
 
 def unmark_complete(root: Path, tag: str) -> None:
@@ -172,6 +196,9 @@ def save_rank_state(root: Path, tag: str, rank: int, state: dict[str, Any]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         unmark_complete(root, tag)
+        # A conversion of the old contents for another world size (engine/deepspeed.py) would
+        # outlive them: it goes with the mark.
+        shutil.rmtree(path.parent / UNIVERSAL, ignore_errors=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -199,8 +226,6 @@ def prune(run_dir: str | Path, keep: int) -> list[str]:
         removed += [t for t in list_tags(run_dir) if t < complete[-1] and t not in complete]
     if not removed:
         return []
-    import shutil
-
     for tag in removed:
         shutil.rmtree(ckpt_dir(run_dir) / tag, ignore_errors=True)
     return removed

@@ -136,8 +136,13 @@ class SchedConfig:
 @dataclass
 class TrainLoopConfig:
     steps: int = 1000
-    # Per-rank micro batch; the global batch is batch_size * world_size.
+    # Per-rank micro batch; the global batch is batch_size * world_size. Derived when
+    # global_batch_size is set, and when a run resumes at another world size (derive_batch).
     batch_size: int = 64
+    # The global batch (all ranks). None: train.batch_size x the world size the run started
+    # with, which a resume keeps (the checkpoint records it), so a run requeued on fewer or more
+    # GPUs trains on the same batches; set it to change the global batch on purpose.
+    global_batch_size: Optional[int] = None
     seed: int = 0
     log_every: int = 10
     grad_clip: float = 1.0
@@ -310,7 +315,7 @@ DS_ZERO_KEYS = frozenset(
 )  # fmt: skip
 # Derived in engine/deepspeed.py from the typed config, so never set in the dict.
 DS_DERIVED = {
-    "train_batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size (per rank) or train.global_batch_size",
     "train_micro_batch_size_per_gpu": "train.batch_size",
     "gradient_accumulation_steps": "train.accum_chunks",
     "gradient_clipping": "train.grad_clip",
@@ -453,12 +458,52 @@ def _is_str_list(value: Any) -> bool:
     )
 
 
-def validate(cfg: Config, world_size: int = 1, device: Any = None) -> None:
+def derive_batch(cfg: Config, world_size: int, saved_global: int | None = None) -> list[str]:
+    """Set train.batch_size (per rank) from the global batch; return the problems, if any.
+
+    The global batch is train.global_batch_size when set, else the one a resumed checkpoint
+    ran with (`saved_global`), else train.batch_size x world_size. It must split into equal
+    per-rank batches, each divisible by train.accum_chunks; if it does not, the problem names
+    the world sizes and the global batches that would.
+    """
+    train = cfg.train
+    if train.global_batch_size is not None:
+        total, source = train.global_batch_size, "train.global_batch_size"
+    elif saved_global:
+        total, source = saved_global, "the checkpoint's global batch"
+    else:
+        return []
+    if total <= 0:
+        return [f"train.global_batch_size must be > 0, got {total}"]
+    chunks = max(1, train.accum_chunks)
+    if world_size >= 1 and total % (world_size * chunks) == 0:
+        train.batch_size = total // world_size
+        return []
+    unit = max(1, world_size) * chunks
+    below, above = total // unit * unit, (total // unit + 1) * unit
+    worlds = [w for w in range(1, total + 1) if total % (w * chunks) == 0][:12]
+    near = f"{below} or {above}" if below else f"{above}"
+    return [
+        f"{source} ({total}) does not split over {world_size} ranks into per-rank batches "
+        f"divisible by train.accum_chunks={chunks}: run on {_or_list(worlds)} ranks, or set "
+        f"train.global_batch_size={near} (a new global batch)"
+    ]
+
+
+def _or_list(values: list[int]) -> str:
+    text = [str(v) for v in values]
+    return text[0] if len(text) == 1 else ", ".join(text[:-1]) + " or " + text[-1]
+
+
+def validate(
+    cfg: Config, world_size: int = 1, device: Any = None, saved_global: int | None = None
+) -> None:
     """Raise one ConfigError naming every problem, so a user fixes them all in one go.
 
-    `device` (the torch.device training will run on) adds the checks that need it: whether it
-    can compute in train.precision."""
-    problems: list[str] = []
+    Derives train.batch_size first (derive_batch; `saved_global`: the global batch of the
+    checkpoint the run resumes). `device` (the torch.device training will run on) adds the
+    checks that need it: whether it can compute in train.precision."""
+    problems: list[str] = derive_batch(cfg, world_size, saved_global)
     if not cfg.data.synthetic and not cfg.data.train:
         problems.append(
             "data.train is empty (give a shard folder/manifest/URL or data.synthetic=true)"

@@ -2,7 +2,8 @@
 
     python -m clipforge.train experiment=smoke_cpu run_dir=/tmp/smoke
     torchrun --nproc_per_node 2 -m clipforge.train data.train=shards/ run_dir=runs/a
-    ... resume=latest            # continue the newest checkpoint in run_dir
+    ... resume=latest            # continue the newest checkpoint in run_dir, on any world
+                                 # size whose ranks split its global batch (docs/resume.md)
     ... model.init_from=runs/a   # start from a run's (or open_clip's) weights, not from scratch
 
 Configuration: conf/train.yaml and its groups, typed by clipforge/config.py.
@@ -98,7 +99,7 @@ def save(engine, loader, cfg: Config, info: dist.DistInfo, step: int) -> str:
     engine.save(root, tag, {"step": step})
     dist.barrier()  # every rank's files are on disk: only now may resume=latest pick the tag
     if info.is_main:
-        ckpt.mark_complete(root, tag, info.world_size)
+        ckpt.mark_complete(root, tag, info.world_size, cfg.train.batch_size * info.world_size)
         ckpt.prune(cfg.run_dir, cfg.checkpoint.keep)
     return tag
 
@@ -118,6 +119,12 @@ def read_init(cfg: Config) -> init_from.Source | None:
     return init_from.read(cfg.model.init_from)
 
 
+def saved_global_batch(cfg: Config) -> int | None:
+    """The global batch of the checkpoint this run resumes from (None: a fresh run)."""
+    found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
+    return ckpt.saved_layout(*found)[1] if found is not None else None
+
+
 def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
     found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
     if found is None:
@@ -125,14 +132,21 @@ def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
             raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint found")
         return 0
     root, tag = found
-    engine.load(root, tag)
+    saved_world, _ = ckpt.saved_layout(root, tag)
+    if saved_world != info.world_size:
+        print0(
+            f"resuming a checkpoint of {saved_world} ranks on {info.world_size}: ZeRO state "
+            f"re-partitioned, train.batch_size={cfg.train.batch_size} per rank keeps the "
+            f"global batch of {cfg.train.batch_size * info.world_size}"
+        )
+    engine.load(root, tag, saved_world)
     if ckpt.has_rank_state(root, tag, info.rank):
         state = ckpt.load_rank_state(root, tag, info.rank)
         ckpt.restore_rng(state["rng"])
     else:
         # A rank the checkpoint did not have (the world grew). The loader's state names the
-        # layout it was written with, so rank 0's lets an epoch-mode loader re-split the rest
-        # of the epoch; this rank's RNG starts from the seed instead of a saved state.
+        # layout it was written with, so rank 0's lets an epoch-mode loader take its share of
+        # the rest of the epoch (docs/resume.md); this rank's RNG starts from the seed.
         state = ckpt.load_rank_state(root, tag, 0)
     loader.load_state_dict(state["loader"])
     print0(f"resumed from {root / tag} at step {state['step']}")
@@ -178,8 +192,8 @@ def train_loop(
         meter.add(cfg.train.batch_size * info.world_size, time.perf_counter() - t0)
         metrics = engine.train_step(batch, sync=_reads_metrics(cfg, step + 1))
         step += 1
-        # Checked where metrics were read (see _reads_metrics). The grad norm is global (the
-        # loss is this rank's): a NaN anywhere stops every rank.
+        # Checked where metrics were read (see _reads_metrics). The loss (the mean over
+        # ranks) and the grad norm are global: a NaN anywhere stops every rank.
         if "loss" in metrics and not all(
             math.isfinite(metrics.get(k, 0.0)) for k in ("loss", "grad_norm")
         ):
@@ -223,7 +237,9 @@ def run(raw: DictConfig) -> None:
     info = dist.setup()
     setup_console(info.is_main)
     cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
-    validate(cfg, info.world_size, info.device)
+    # Before anything is built: a resumed run keeps its checkpoint's global batch, which sets
+    # the per-rank batch at this world size (config.derive_batch).
+    validate(cfg, info.world_size, info.device, saved_global=saved_global_batch(cfg))
     cfg.train.precision = precision.resolve(cfg.train.precision, info.device)
     run_dir = Path(cfg.run_dir)
     if ckpt.list_tags(run_dir) and not cfg.resume:

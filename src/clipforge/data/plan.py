@@ -22,6 +22,11 @@ Exact-epoch mode (stream.py reads what this module computes):
   blocks stream positions are shuffled in blocks of `buffer` samples with a seeded permutation
         per block; batch i of the worker is emissions [i * batch, (i + 1) * batch).
 
+Elastic resume: a run resumed at another world size with the same global batch, workers,
+buffer and lanes keeps its plan (the geometry the plan was made for) and only re-maps the
+ranks onto it (`shares`): global batch i is the same samples in the same order, whatever the
+world size reading it. Any other change mid-epoch starts a new plan over the unread samples.
+
 Every step above is a closed formula, so the position of a run is just (epoch, step) and the
 samples a checkpoint had consumed are known exactly without reading anything.
 """
@@ -244,6 +249,33 @@ class EpochPlan:
                 parts.append(self.consumer_left(rank, k, consumed))
         parts.append(self.y.slice(self.steps * self.geo.global_batch, self.y.total))
         return Runs.concat(parts)
+
+
+def elastic(plan: Geometry, geo: Geometry) -> bool:
+    """Whether a loader of geometry `geo` can go on reading `plan` (a plan made for another
+    world size) sample for sample: the same global batch, workers, buffer and lanes. Its ranks
+    then make the very global batches `plan` would have made (see shares)."""
+    return plan.global_batch == geo.global_batch and (plan.nw, plan.buffer, plan.lanes) == (
+        geo.nw,
+        geo.buffer,
+        geo.lanes,
+    )
+
+
+def shares(rank: int, batch: int, plan_batch: int) -> list[tuple[int, int, int]]:
+    """(plan rank, first, end) pieces of the plan ranks' batches that make up batch i of
+    `rank`, for a world of `batch`-sample ranks reading a plan of `plan_batch`-sample ranks.
+
+    The global batch i of a plan is its ranks' batches i laid end to end; rank r of the new
+    world takes samples [r * batch, (r + 1) * batch) of it. Fewer ranks (2 -> 1): each takes
+    whole plan ranks' batches. More ranks (1 -> 2): each takes a part of one plan rank's batch
+    (it reads that plan rank's stream and decodes only its part). Same world: [(rank, 0, batch)].
+    """
+    a, b = rank * batch, (rank + 1) * batch
+    return [
+        (d, max(a, d * plan_batch) - d * plan_batch, min(b, (d + 1) * plan_batch) - d * plan_batch)
+        for d in range(a // plan_batch, (b - 1) // plan_batch + 1)
+    ]
 
 
 def build_epoch(

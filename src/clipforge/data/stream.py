@@ -29,7 +29,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.lanes import DrawLane, PieceLane
-from clipforge.data.plan import BLOCK, EpochPlan, Geometry, ShardOrder, build_epoch, rng
+from clipforge.data.plan import BLOCK, EpochPlan, Geometry, ShardOrder, build_epoch, rng, shares
 from clipforge.data.samples import Decoder, ErrorBudget, Failed
 from clipforge.data.shards import ShardSet, SourceError
 from clipforge.data.transforms import BatchTransform
@@ -112,9 +112,12 @@ class TrainStream(IterableDataset):
     def _epochs(self, w: int, nw: int, decode: Decoder) -> Iterator[dict[str, Any]]:
         spec = self.spec
         epoch, history = self.start["epoch"], self.start["history"]
+        plan_geo = (
+            self.start.get("plan_geo") or spec.geo
+        )  # another world's, after an elastic resume
         turn = self.start["step"] + w  # this worker's next batch index within the plan
         while True:
-            order, plan = build_epoch(spec.shards.counts, spec.seed, epoch, history, spec.geo)  # type: ignore[arg-type]
+            order, plan = build_epoch(spec.shards.counts, spec.seed, epoch, history, plan_geo)  # type: ignore[arg-type]
             if turn < plan.steps:
                 k = turn % nw
                 yield from self._consumer(order, plan, epoch, k, turn // nw, decode)
@@ -125,44 +128,59 @@ class TrainStream(IterableDataset):
     def _consumer(
         self, order: ShardOrder, plan: EpochPlan, epoch: int, k: int, first: int, decode: Decoder
     ) -> Iterator[dict[str, Any]]:
-        """Batches first, first + 1, ... of worker k's slice of the plan."""
-        spec, geo = self.spec, self.spec.geo
-        start, length = plan.consumer(spec.rank, k)
+        """Batches first, first + 1, ... of worker k's slice of the plan: this rank's part of
+        the plan's global batches, from the plan ranks plan.shares names (just this rank's own
+        slice when the plan is this world's)."""
+        spec, pg = self.spec, plan.geo
+        parts = shares(spec.rank, spec.geo.batch, pg.batch)
+        streams = [self._consumer_stream(order, plan, d, k, first) for d, _, _ in parts]
+        for i in range(first, plan.batches(k)):
+            t0 = time.perf_counter()
+            errors = decode.budget.failed
+            items = []
+            for stream, (_, a, b) in zip(streams, parts):
+                drawn = [next(stream) for _ in range(pg.batch)]
+                items += drawn[a:b]  # the rest belongs to other ranks: read, never decoded
+            good = [decode(raw, (spec.seed, epoch, x)) for x, raw in items]
+            step = k + i * pg.nw + 1
+            meta = {
+                "epoch": epoch,
+                "step": step,
+                "steps": plan.steps,
+                "errors": decode.budget.failed - errors,
+                "keys": [raw.get("__key__") if isinstance(raw, dict) else None for _, raw in items],
+            }
+            batch = self._batch(*self._fill(good, items), meta)
+            meta["busy"] = time.perf_counter() - t0
+            yield batch
+
+    def _consumer_stream(
+        self, order: ShardOrder, plan: EpochPlan, rank: int, k: int, first: int
+    ) -> Iterator[tuple[int, dict[str, Any] | Failed]]:
+        """The raw samples of plan rank `rank`'s worker k, from its batch `first` on."""
+        geo = plan.geo
+        start, length = plan.consumer(rank, k)
         block = first * geo.batch // geo.buffer
         lanes = []
         for j in range(geo.lanes):
             lane_start, lane_len = plan.lane(length, j)
             done = plan.lane_done(j, block * geo.buffer)
             runs = plan.y.slice(start + lane_start + done, start + lane_start + lane_len)
-            lanes.append(PieceLane(spec.shards.urls, order.pieces(runs)))
-        emitted = self._emissions(plan, lanes, k, block, length)
+            lanes.append(PieceLane(self.spec.shards.urls, order.pieces(runs)))
+        emitted = self._emissions(plan, lanes, rank, k, block, length)
         for _ in range(block * geo.buffer, first * geo.batch):
             next(emitted)
-        for i in range(first, plan.batches(k)):
-            t0 = time.perf_counter()
-            errors = decode.budget.failed
-            items = [next(emitted) for _ in range(geo.batch)]
-            good = [decode(raw, (spec.seed, epoch, x)) for x, raw in items]
-            step = k + i * geo.nw + 1
-            meta = {
-                "epoch": epoch,
-                "step": step,
-                "steps": plan.steps,
-                "errors": decode.budget.failed - errors,
-            }
-            batch = self._batch(*self._fill(good, items), meta)
-            meta["busy"] = time.perf_counter() - t0
-            yield batch
+        return emitted
 
     def _emissions(
-        self, plan: EpochPlan, lanes: list[PieceLane], k: int, block: int, length: int
+        self, plan: EpochPlan, lanes: list[PieceLane], rank: int, k: int, block: int, length: int
     ) -> Iterator[tuple[int, dict[str, Any] | Failed]]:
         geo = plan.geo
         while block * geo.buffer < length:
             first = block * geo.buffer
             n = min(geo.buffer, length - first)
             raw = [lanes[i % geo.lanes].next() for i in range(first, first + n)]
-            for idx in plan.block(self.spec.rank, k, block, length).tolist():
+            for idx in plan.block(rank, k, block, length).tolist():
                 item, raw[idx] = raw[idx], None  # let go of it once handed out
                 yield item
             block += 1

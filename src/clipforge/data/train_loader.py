@@ -18,8 +18,11 @@ Position and resume (loader.state_dict(), saved per rank in the checkpoint; plai
     count, batch size, buffer or lane count mid-epoch: the samples the old geometry had not
     read yet (computed, not replayed: O(ranks x workers x shuffle_buffer) integer work) are
     split anew, so the rest of the epoch reads exactly the unread samples, none twice, but
-    `len(unread) % global batch` of them wait for the next epoch. The state of any rank is
-    enough to resume every rank (it holds no per-rank position).
+    `len(unread) % global batch` of them wait for the next epoch. Exception, the elastic
+    resume: another world size with the same global batch (and workers, buffer, lanes) keeps
+    the plan and maps the new ranks onto it (plan.shares), so every global batch is the one the
+    old world would have made. The state of any rank is enough to resume every rank (it holds
+    no per-rank position).
 
     python tests/bench/loader_rate.py SHARDS --mode epoch --world 2 --batches 20   # samples/s
 """
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from clipforge.data.plan import Geometry, PastGeometry
+from clipforge.data.plan import Geometry, PastGeometry, elastic
 from clipforge.data.shards import ShardSet, SourceError, draw_weights
 from clipforge.data.stream import StreamSpec, TrainStream
 from clipforge.data.transforms import batch_transform
@@ -89,8 +92,12 @@ class TrainLoader:
             cum,
             max_error_rate,
         )
+        # Epoch mode: the geometry this epoch's plan was made for; another world size's plan
+        # when the run resumed elastically (same global batch, workers, buffer, lanes).
+        self.plan_geo = self.geo
         self.workers, self.mode = workers, mode
         self.batches = self.errors = self.restarts = 0
+        self.keys: list[str] | None = None
         self.roles: list[dict[str, Any]] = [{} for _ in range(self.geo.nw)]
         self.epoch, self.step, self.steps = 0, 0, None
         self.history: list[PastGeometry] = []  # this epoch's geometries before the current one
@@ -111,6 +118,7 @@ class TrainLoader:
         }
         if self.mode == "epoch":
             state.update(
+                plan_geometry=self.plan_geo.to_state(),
                 epoch=self.epoch,
                 step=self.step,
                 history=[h.to_state() for h in self.history],
@@ -129,11 +137,12 @@ class TrainLoader:
         self.batches, self.errors = int(state["batches"]), int(state.get("errors", 0))
         old = Geometry.from_state(state["geometry"]) if "geometry" in state else None
         if self.mode == "epoch":
-            self._load_epoch(state, old)
+            plan = state.get("plan_geometry")
+            self._load_epoch(state, Geometry.from_state(plan) if plan is not None else old)
         else:
             self._load_resampled(state, old)
 
-    def _load_epoch(self, state: dict[str, Any], old: Geometry | None) -> None:
+    def _load_epoch(self, state: dict[str, Any], plan: Geometry | None) -> None:
         if state["samples"] != self.spec.shards.samples:
             raise SourceError(
                 f"the checkpoint's epoch covered {state['samples']} samples, data.train now "
@@ -141,10 +150,16 @@ class TrainLoader:
             )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = [PastGeometry.from_state(h) for h in state["history"]]
-        if old is not None and old != self.geo:
-            # The rest of this epoch is re-split from what the old geometry had not read.
-            self.history.append(PastGeometry(old, self.step))
-            self.step = 0
+        if plan is None or plan == self.geo:
+            self.plan_geo = self.geo
+        elif elastic(plan, self.geo):
+            # Another world size, the same global batch: the same plan, read by other ranks;
+            # the step goes on (plan.shares maps this rank onto the plan's ranks).
+            self.plan_geo = plan
+        else:
+            # The rest of this epoch is re-split from what the old plan had not read.
+            self.history.append(PastGeometry(plan, self.step))
+            self.plan_geo, self.step = self.geo, 0
 
     def _load_resampled(self, state: dict[str, Any], old: Geometry | None) -> None:
         self.restarts = int(state.get("restarts", 0))
@@ -168,6 +183,7 @@ class TrainLoader:
             "epoch": self.epoch,
             "step": self.step,
             "history": list(self.history),
+            "plan_geo": self.plan_geo,
         }
 
     def _record(self, meta: dict[str, Any], samples: int) -> None:
@@ -175,6 +191,7 @@ class TrainLoader:
         self.errors += int(meta["errors"])
         self._busy += float(meta["busy"])
         self._decoded += samples
+        self.keys = meta.get("keys")  # the samples of the batch just handed out (epoch mode)
         if self.mode == "epoch":
             self.epoch, self.step, self.steps = int(meta["epoch"]), int(meta["step"]), meta["steps"]
             if self.step == self.steps:  # the epoch is over: the next starts with a fresh plan

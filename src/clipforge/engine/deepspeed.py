@@ -18,10 +18,14 @@ hooks as plain code) -> parameter bounds applied once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 import os
+import shutil
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.checkpoint import UNIVERSAL
 from clipforge.config import Config
+from clipforge.engine import dist
 from clipforge.engine import precision as prec
 from clipforge.engine.accumulate import gradcache_step, plain_step, split_batch
 from clipforge.engine.dist import DistInfo
@@ -38,6 +44,7 @@ from clipforge.engine.optim import build_optimizer, scheduler_factory
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 import deepspeed  # noqa: E402  (must follow DS_ACCELERATOR)
+from deepspeed.checkpoint import ds_to_universal  # noqa: E402
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
@@ -243,6 +250,10 @@ class Engine:
     def module(self) -> nn.Module:
         return self.ds.module
 
+    @property
+    def world_size(self) -> int:
+        return self.ds.dp_world_size
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -336,7 +347,19 @@ class Engine:
         self.ds.step()
 
     def _report(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-        out = {"loss": loss.detach().float().item()}
+        # The global batch's loss: each rank's loss averages its own rows of the gathered
+        # problem over equal per-rank batches, so their mean is the whole batch's, the same
+        # number at any world size. The loss's metrics (per-direction losses, accuracies,
+        # mean logits) are such averages too, and the scale and bias are the same everywhere:
+        # all go in one all-reduce, on the steps that read metrics only.
+        names = sorted(metrics)
+        values = dist.mean_over_ranks(
+            torch.stack(
+                [loss.detach().float().reshape(())]
+                + [metrics[k].float().reshape(()) for k in names]
+            )
+        ).tolist()
+        out = {"loss": values[0]}
         grad_norm = self.ds.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._fp32_grad_norm
@@ -344,7 +367,7 @@ class Engine:
             out["grad_norm"] = float(grad_norm)
         elif self.precision == "fp16":
             out["skipped_step"] = 1.0
-        out.update({k: float(v) for k, v in metrics.items()})
+        out.update(zip(names, values[1:]))
         return out
 
     @torch.no_grad()
@@ -359,11 +382,50 @@ class Engine:
         """Every rank writes its ZeRO partition; DeepSpeed writes the `latest` pointer."""
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
 
-    def load(self, ckpt_dir: Path, tag: str | None) -> dict[str, Any]:
-        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+    def load(
+        self, ckpt_dir: Path, tag: str | None, saved_world: int | None = None
+    ) -> dict[str, Any]:
+        """Load a tag written by `saved_world` ranks (None: by this world size).
+
+        ZeRO shards (and the bf16 optimizer's) are cut for the world size that wrote them. At
+        another world size the tag is first converted, once, into DeepSpeed's universal
+        checkpoint (ds_to_universal: per parameter, the whole fp32 master and Adam moments,
+        beside the step counters, scheduler and model states), which DeepSpeed's
+        `load_universal` path re-partitions for this world: model, moments, scheduler and
+        counters carry over. Unpartitioned tags (ZeRO-0 in fp32/fp16) load as they are.
+        """
+        load_dir, load_tag, universal = Path(ckpt_dir), tag, False
+        if tag and saved_world not in (None, self.world_size) and _partitioned(load_dir / tag):
+            load_dir, load_tag, universal = load_dir / tag, to_universal(load_dir / tag), True
+        self.ds._config.load_universal_checkpoint = universal
+        groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
+        # ZeRO-3's universal load (DeepSpeed 0.19.8, load_hp_checkpoint_state_from_checkpoint_
+        # dir_stage3) gives every param group the hyperparameters of the checkpoint's group 0:
+        # our no-decay group would decay. The groups are the config's (optim.py), one schedule
+        # for all: keep their own values, the learning rate aside (the scheduler's, restored).
+        own = [{k: v for k, v in g.items() if k not in _SCHEDULED} for g in groups]
+        try:
+            with _weights_only_loads() if universal else contextlib.nullcontext():
+                path, client_state = self.ds.load_checkpoint(str(load_dir), tag=load_tag)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag or 'latest'} in {ckpt_dir}")
+        if universal:
+            for group, values in zip(groups, own):
+                group.update(values)
+            self._unshare_steps()
+            self._apply_bounds()
         return client_state or {}
+
+    def _unshare_steps(self) -> None:
+        """ZeRO-3's universal load (0.19.8) hands every sub-group's optimizer state the same
+        `step` tensor; torch's AdamW increments it in place, once per group, so the second
+        group would take its bias correction from a step count one ahead. One tensor each."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     @torch.no_grad()
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
@@ -399,3 +461,69 @@ class Engine:
         if full is None:
             full = masters.get(id(p), p)
         return full.detach().float().cpu().clone().reshape(shape)
+
+
+# -- re-partitioning for another world size -------------------------------------------------------
+# Param-group entries the scheduler owns (and `params`, which the optimizer owns).
+_SCHEDULED = ("params", "lr", "initial_lr")
+
+
+def _partitioned(tag_dir: Path) -> bool:
+    """Whether a tag's optimizer state is cut by rank: ZeRO 1-3 (zero_pp_rank_*) or the bf16
+    optimizer (bf16_zero_pp_rank_*)."""
+    return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def to_universal(tag_dir: Path) -> str:
+    """Convert `tag_dir` into TAG/universal/ once (rank 0 writes, every rank waits); returns
+    the sub-directory's name, the tag to load from `tag_dir`.
+
+    Written to universal.tmp and renamed, so a conversion cut short is redone, never loaded.
+    Runs in this process, one file at a time: no worker pool forked from a trainer that holds
+    a process group (and, on GPUs, a CUDA context). Cost: one read of every rank's shards and
+    one write of the fp32 master and moments (~3 x 4 bytes per parameter).
+    """
+    out = tag_dir / UNIVERSAL
+    if dist.rank() == 0 and not out.is_dir():
+        tmp = tag_dir / (UNIVERSAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # Our tags carry no universal_checkpoint_info (no tensor or pipeline parallelism
+            # to describe): the converter adds the plain data-parallel one.
+            inject_missing_state=True,
+        )
+        quiet = io.StringIO()  # its progress bars and per-step prints, kept off the run's log
+        with (
+            _weights_only_loads(),
+            contextlib.redirect_stdout(quiet),
+            contextlib.redirect_stderr(quiet),
+        ):
+            ds_to_universal.main(args)
+        tmp.replace(out)
+    dist.barrier()
+    return UNIVERSAL
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """DeepSpeed's converter and universal loader call torch.load(weights_only=False); inside
+    this block every torch.load is weights-only, admitting the DeepSpeed records listed above,
+    as WeightsOnlyCheckpointEngine does for ordinary loads."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_DS_SAFE_GLOBALS):
+            return original(*args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]

@@ -124,6 +124,20 @@ def _multi() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor on the training device (the default group: NCCL takes
+    CUDA tensors, gloo CPU ones). A collective: every rank calls it at the same steps."""
+    if not _multi():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
 def barrier() -> None:
     """Wait for every rank (host side: no device stream is involved)."""
     if dist.is_initialized():
