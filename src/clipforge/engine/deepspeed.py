@@ -205,6 +205,7 @@ class Engine:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.cfg = cfg
         self.device = dist_info.device
+        self.is_main = dist_info.is_main
         self.chunks = cfg.train.accum_chunks
         self.precision = prec.resolve(cfg.train.precision, self.device)
         problem = prec.precision_problem(self.precision, self.device)
@@ -396,7 +397,11 @@ class Engine:
         """
         load_dir, load_tag, universal = Path(ckpt_dir), tag, False
         if tag and saved_world not in (None, self.world_size) and _partitioned(load_dir / tag):
-            load_dir, load_tag, universal = load_dir / tag, to_universal(load_dir / tag), True
+            load_dir, load_tag, universal = (
+                load_dir / tag,
+                to_universal(load_dir / tag, self.is_main),
+                True,
+            )
         self.ds._config.load_universal_checkpoint = universal
         groups = getattr(self.optimizer, "optimizer", self.optimizer).param_groups
         # ZeRO-3's universal load (DeepSpeed 0.19.8, load_hp_checkpoint_state_from_checkpoint_
@@ -474,8 +479,8 @@ def _partitioned(tag_dir: Path) -> bool:
     return any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def to_universal(tag_dir: Path) -> str:
-    """Convert `tag_dir` into TAG/universal/ once (rank 0 writes, every rank waits); returns
+def to_universal(tag_dir: Path, is_main: bool) -> str:
+    """Convert `tag_dir` into TAG/universal/ once (the main rank writes, every rank waits); returns
     the sub-directory's name, the tag to load from `tag_dir`.
 
     Written to universal.tmp and renamed, so a conversion cut short is redone, never loaded.
@@ -484,7 +489,7 @@ def to_universal(tag_dir: Path) -> str:
     one write of the fp32 master and moments (~3 x 4 bytes per parameter).
     """
     out = tag_dir / UNIVERSAL
-    if dist.rank() == 0 and not out.is_dir():
+    if is_main and not out.is_dir():
         tmp = tag_dir / (UNIVERSAL + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         args = Namespace(

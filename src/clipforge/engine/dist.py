@@ -124,10 +124,6 @@ def _multi() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean over ranks of a tensor on the training device (the default group: NCCL takes
     CUDA tensors, gloo CPU ones). A collective: every rank calls it at the same steps."""
