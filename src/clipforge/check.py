@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.overrides)
         # A requeued job may come back on another world size: it keeps the checkpoint's
         # global batch, which must split over this one (config.derive_batch).
-        found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
-        saved = ckpt.saved_layout(*found)[1] if found is not None else None
+        saved = ckpt.resumed_global_batch(cfg.run_dir, cfg.resume)
         validate(cfg, args.world_size, saved_global=saved)
     except (ConfigError, HydraException, OmegaConfBaseException, FileNotFoundError) as e:
         msg = " ".join(str(e).split())

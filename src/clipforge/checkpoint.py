@@ -129,6 +129,13 @@ def saved_layout(root: Path, tag: str) -> tuple[int, int | None]:
     return world, (int(total) if total is not None else None)
 
 
+def resumed_global_batch(run_dir: str | Path, resume: str | None) -> int | None:
+    """The global batch of the checkpoint `resume` names in run_dir (None: a fresh run, or a
+    tag from before the global batch was recorded); raises FileNotFoundError as resolve_resume."""
+    found = resolve_resume(run_dir, resume)
+    return saved_layout(*found)[1] if found is not None else None
+
+
 def unmark_complete(root: Path, tag: str) -> None:
     """Before (re)writing a tag: until it is marked again it is not a resume candidate."""
     (Path(root) / tag / COMPLETE).unlink(missing_ok=True)

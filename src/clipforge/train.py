@@ -119,12 +119,6 @@ def read_init(cfg: Config) -> init_from.Source | None:
     return init_from.read(cfg.model.init_from)
 
 
-def saved_global_batch(cfg: Config) -> int | None:
-    """The global batch of the checkpoint this run resumes from (None: a fresh run)."""
-    found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
-    return ckpt.saved_layout(*found)[1] if found is not None else None
-
-
 def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
     found = ckpt.resolve_resume(cfg.run_dir, cfg.resume)
     if found is None:
@@ -239,7 +233,12 @@ def run(raw: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(raw)  # type: ignore[assignment]
     # Before anything is built: a resumed run keeps its checkpoint's global batch, which sets
     # the per-rank batch at this world size (config.derive_batch).
-    validate(cfg, info.world_size, info.device, saved_global=saved_global_batch(cfg))
+    validate(
+        cfg,
+        info.world_size,
+        info.device,
+        saved_global=ckpt.resumed_global_batch(cfg.run_dir, cfg.resume),
+    )
     cfg.train.precision = precision.resolve(cfg.train.precision, info.device)
     run_dir = Path(cfg.run_dir)
     if ckpt.list_tags(run_dir) and not cfg.resume:
