@@ -71,7 +71,7 @@ class UsageError(ValueError):
     """Reported as one ``error:`` line with exit code 2, before any work."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -139,7 +139,7 @@ def _input_args(p: argparse.ArgumentParser) -> None:
 
 def _image_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
-    g.add_argument("--image-size", type=_positive_int, default=256)
+    g.add_argument("--image-size", type=positive_int, default=256)
     g.add_argument("--resize-mode", default="border", choices=images.RESIZE_MODES)
     g.add_argument("--encode-format", default="jpg", choices=images.ENCODE_FORMATS)
     g.add_argument("--quality", "--encode-quality", type=_quality, default=95)
@@ -148,7 +148,7 @@ def _image_args(p: argparse.ArgumentParser) -> None:
                    "never: keep every jpg/png/webp as is (needs --resize-mode no)")  # fmt: skip
     g.add_argument("--downscale-interpolation", default="area", choices=images.INTERPOLATIONS)
     g.add_argument("--upscale-interpolation", default="lanczos", choices=images.INTERPOLATIONS)
-    g.add_argument("--max-pixels", type=_positive_int, default=images.DEFAULT_MAX_PIXELS,
+    g.add_argument("--max-pixels", type=positive_int, default=images.DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels (decompression-bomb guard)")  # fmt: skip
 
 
@@ -166,16 +166,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output and execution")
     g.add_argument("--output", required=True,
                    help="output folder or fsspec URL (s3://bucket/prefix, gs://...)")  # fmt: skip
-    g.add_argument("--samples-per-shard", "--number-sample-per-shard", type=_positive_int,
+    g.add_argument("--samples-per-shard", "--number-sample-per-shard", type=positive_int,
                    default=10000)  # fmt: skip
-    g.add_argument("--processes", type=_positive_int, default=default_processes())
-    g.add_argument("--threads", type=_positive_int, default=16, help="fetch threads per process")
-    g.add_argument("--chunk-rows", type=_positive_int, default=None,
+    g.add_argument("--processes", type=positive_int, default=default_processes())
+    g.add_argument("--threads", type=positive_int, default=16, help="fetch threads per process")
+    g.add_argument("--chunk-rows", type=positive_int, default=None,
                    help="rows per work unit (default: from rows and processes, <= 1000)")  # fmt: skip
     g.add_argument("--timeout", type=_positive_seconds, default=10.0,
                    help="seconds per remote fetch attempt in all: DNS, connect, headers, body")  # fmt: skip
     g.add_argument("--retries", type=int, default=2, help="extra tries per remote fetch")
-    g.add_argument("--max-bytes", type=_positive_int, default=fetch.DEFAULT_MAX_BYTES,
+    g.add_argument("--max-bytes", type=positive_int, default=fetch.DEFAULT_MAX_BYTES,
                    help="refuse sources larger than this")  # fmt: skip
     _polite_args(p)
     g.add_argument("--slice-index", type=int, default=None, help="Slurm array: this task's slice")
@@ -200,7 +200,7 @@ def _polite_args(p: argparse.ArgumentParser) -> None:
                    f"{','.join(fetch.OPT_OUT_DIRECTIVES)}; 'none' disables the check)")  # fmt: skip
     g.add_argument("--robots-txt", action="store_true",
                    help="obey each image host's robots.txt (fetched once per host and process)")  # fmt: skip
-    g.add_argument("--host-connections", type=_positive_int, default=8, metavar="N",
+    g.add_argument("--host-connections", type=positive_int, default=8, metavar="N",
                    help="requests in flight per host, per process (default: 8)")  # fmt: skip
     g.add_argument("--max-retry-after", type=_seconds, default=60.0, metavar="S",
                    help="a 429/503 asking for a longer wait fails the host's rows (default: 60)")  # fmt: skip

@@ -64,7 +64,7 @@ from fsspec.implementations.local import LocalFileSystem
 from clipforge.data.eval_loader import EvalLoader
 from clipforge.data.samples import open_image
 from data_tools import shards
-from data_tools.convert import tool_version
+from data_tools.convert import positive_int, tool_version
 
 EXIT_USAGE = 2
 SUMMARY = "filter.json"
@@ -599,13 +599,6 @@ def _cosine(text: str) -> float:
     return v
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         # One line, as every other bad input here (argparse would add its usage block first).
@@ -636,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what --output holds")
     p.add_argument(
         "--processes",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="scoring processes (default: one per GPU, else one per CPU core)",
     )
@@ -646,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="image decoding processes per scorer (default: 0 on CPU, up to 8 per GPU)",
     )
-    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p  # fmt: skip
 

@@ -53,6 +53,7 @@ from PIL import Image, ImageOps
 from clipforge.data.shards import SourceError, resolve
 from clipforge.data.tario import IMAGE_EXTS, ShardReadError, iter_samples
 from data_tools import shards
+from data_tools.convert import positive_int
 from data_tools.packer import STATUSES, category
 
 EXIT_USAGE = 2
@@ -749,13 +750,6 @@ def _count(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_tools.report", description=__doc__.split("\n")[0]
@@ -764,10 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the HTML file to write (path or URL)")
     p.add_argument("--samples", type=_count, default=48, help="thumbnails on the contact sheet")
     p.add_argument("--seed", type=int, default=0, help="changes which samples the sheet shows")
-    p.add_argument("--thumb-size", type=_positive, default=160, help="thumbnail side (px)")
+    p.add_argument("--thumb-size", type=positive_int, default=160, help="thumbnail side (px)")
     p.add_argument("--max-shards", type=_count, default=16,
                    help="tars read for histograms and the sheet, evenly spaced; 0: all")  # fmt: skip
-    p.add_argument("--threads", type=_positive, default=8, help="shards read at once")
+    p.add_argument("--threads", type=positive_int, default=8, help="shards read at once")
     p.add_argument("--title", default=None)
     return p
 
