@@ -89,10 +89,10 @@ def _sigkill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
-    """Start the run; SIGKILL torchrun and its workers once `step` is checkpointed."""
+def kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Start `cmd`, a run in `run_dir`; SIGKILL it and its workers once `step` is checkpointed."""
     proc = subprocess.Popen(
-        _cmd(run_dir),
+        cmd,
         cwd=REPO,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -128,7 +128,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> N
     full = tmp_path / "full"
     _run(full)
     cut = tmp_path / "cut"
-    _kill_after_checkpoint(cut, kill_at)
+    kill_after_checkpoint(_cmd(cut), cut, kill_at)
     assert not (cut / "model.safetensors").exists(), "the run finished before it was killed"
     resumed_from = int(ckpt.resolve_resume(cut, "latest")[1].removeprefix("step_"))
     assert resumed_from >= kill_at

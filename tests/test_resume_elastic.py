@@ -7,8 +7,8 @@ kept, and in epoch mode the very global batches the old world would have made.
   batches of an uninterrupted run, sample for sample, and no key twice in the epoch;
 - the engine, real DeepSpeed over gloo: ZeRO-1, ZeRO-3 (fp32, bf16) checkpoints of 2 ranks
   load on 1 with the same fp32 master, schedule and step counter, and train on alike;
-- the trainer under torchrun, ZeRO-2, data.mode=epoch on real shards: a 2-rank run cut after
-  its step-10 checkpoint resumes on 1 rank (per-rank batch doubled) and then, from that run's
+- the trainer under torchrun, ZeRO-2, data.mode=epoch on real shards: a 2-rank run SIGKILLed
+  after its step-10 checkpoint resumes on 1 rank (per-rank batch doubled) and then, from that run's
   step-15 checkpoint, on 2 ranks again: every loss and the final weights match the
   uninterrupted 2-rank run;
 - a global batch that does not split over the new world is refused with one line.
@@ -24,7 +24,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from test_loader import TRANSFORM, write_shards
-from test_train import _ok, metrics, train
+from test_train import _ok, metrics, train, train_cmd
 
 from clipforge import check
 from clipforge import checkpoint as ckpt
@@ -193,9 +193,8 @@ def test_zero_1_and_3_fp32_and_bf16_checkpoints_load_on_another_world(tmp_path) 
 STEPS = 20
 
 
-def _run(run: Path, shards: Path, nproc: int, *extra: str) -> str:
-    proc = train(
-        run,
+def _overrides(shards: Path, *extra: str) -> list[str]:
+    return [
         "experiment=smoke_cpu",
         "deepspeed=zero2",
         "data.synthetic=false",
@@ -208,16 +207,18 @@ def _run(run: Path, shards: Path, nproc: int, *extra: str) -> str:
         "checkpoint.keep=0",
         "optim.lr=2e-3",
         *extra,
-        nproc=nproc,
-        timeout=400,
-    )
+    ]
+
+
+def _run(run: Path, shards: Path, nproc: int, *extra: str) -> str:
+    proc = train(run, *_overrides(shards, *extra), nproc=nproc, timeout=400)
     _ok(proc)
     return proc.stdout
 
 
 def _cut(src: Path, dst: Path, step: int) -> None:
-    """A run directory as a kill right after `step`'s checkpoint leaves it (tests/test_faults.py
-    kills real runs; here the copy keeps the test cheap)."""
+    """A run directory as a kill right after `step`'s checkpoint leaves it (a copy of that
+    checkpoint: the first leg of the test kills a real run)."""
     tag = ckpt.tag_for(step)
     shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
 
@@ -226,12 +227,16 @@ def _cut(src: Path, dst: Path, step: int) -> None:
 @pytest.mark.slow
 def test_zero2_epoch_run_resumes_on_one_rank_and_back_on_two(tmp_path) -> None:
     from eval_data import captioned_shards
+    from test_faults import kill_after_checkpoint
 
     shards = captioned_shards(tmp_path)  # 60 samples: 7 steps an epoch, step 10 mid-epoch
     full = tmp_path / "full"
-    _run(full, shards, 2, "checkpoint.every=10")
+    _run(full, shards, 2)
+    # The same 2-rank run, SIGKILLed (torchrun and both workers) once step 10 is checkpointed.
     one = tmp_path / "one"
-    _cut(full, one, 10)
+    cmd = train_cmd(one, *_overrides(shards, "checkpoint.every=10"), nproc=2)
+    kill_after_checkpoint(cmd, one, 10)
+    assert not (one / "model.safetensors").exists(), "the run finished before it was killed"
     out = _run(one, shards, 1, "resume=latest", "checkpoint.every=5")
     assert "resuming a checkpoint of 2 ranks on 1" in out and "train.batch_size=8" in out, out
     assert "at step 10" in out
@@ -241,13 +246,15 @@ def test_zero2_epoch_run_resumes_on_one_rank_and_back_on_two(tmp_path) -> None:
     assert "resuming a checkpoint of 1 ranks on 2" in out and "at step 15" in out, out
 
     want = {r["step"]: r for r in metrics(full)}
-    for run, steps in ((one, range(11, 21)), (two, range(16, 21))):
-        got = {r["step"]: r for r in metrics(run)}
-        assert sorted(got) == list(steps)
-        for s in steps:
-            assert got[s]["loss"] == pytest.approx(want[s]["loss"], abs=1e-4), (run.name, s)
-            assert got[s]["lr"] == pytest.approx(want[s]["lr"], rel=1e-9), (run.name, s)
-        assert got[20]["data_epoch"] == pytest.approx(want[20]["data_epoch"])
+    for run, first in ((one, 1), (two, 16)):
+        rows = metrics(run)  # the killed run's rows, then the resumed run's
+        assert sorted({r["step"] for r in rows}) == list(range(first, STEPS + 1)), run.name
+        for r in rows:  # steps 1-10 of the killed run, and 11-20 on the new world
+            s = r["step"]
+            assert r["loss"] == pytest.approx(want[s]["loss"], abs=1e-4), (run.name, s)
+            assert r["lr"] == pytest.approx(want[s]["lr"], rel=1e-9), (run.name, s)
+        assert rows[-1]["step"] == STEPS
+        assert rows[-1]["data_epoch"] == pytest.approx(want[STEPS]["data_epoch"])
         from safetensors.torch import load_file
 
         a, b = load_file(full / "model.safetensors"), load_file(run / "model.safetensors")

@@ -20,8 +20,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300):
-    """Run clipforge.train (under torchrun when nproc > 1); returns the CompletedProcess."""
+def train_cmd(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """The clipforge.train command line (under torchrun when nproc > 1)."""
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -35,9 +35,18 @@ def train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300):
         ]
     else:
         cmd = [sys.executable, "-m", "clipforge.train"]
-    cmd += [f"run_dir={run_dir}", *overrides]
+    return [*cmd, f"run_dir={run_dir}", *overrides]
+
+
+def train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 300):
+    """Run clipforge.train (under torchrun when nproc > 1); returns the CompletedProcess."""
     return subprocess.run(
-        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        train_cmd(run_dir, *overrides, nproc=nproc),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
