@@ -4,7 +4,9 @@ kept, and in epoch mode the very global batches the old world would have made.
     .venv/bin/python -m pytest tests/test_resume_elastic.py -q --durations=0
 
 - the loader, ranks simulated in one process: 2 ranks -> 1 -> 3 mid-epoch give the global
-  batches of an uninterrupted run, sample for sample, and no key twice in the epoch;
+  batches of an uninterrupted run, sample for sample, and no key twice in the epoch; in
+  resampled mode 2 ranks -> 3 or 1 keep the streams of the ranks that existed, and the new
+  rank starts a fresh one;
 - the engine, real DeepSpeed over gloo: ZeRO-1, ZeRO-3 (fp32, bf16) checkpoints of 2 ranks
   load on 1 with the same fp32 master, schedule and step counter, and train on alike;
 - the trainer under torchrun, ZeRO-2, data.mode=epoch on real shards: a 2-rank run SIGKILLed
@@ -112,6 +114,49 @@ def test_epoch_resume_on_another_world_gives_the_same_global_batches(tmp_path) -
     assert len(keys) == len(set(keys)) == 60  # the whole epoch, no sample twice
     # The epoch ends on time: the next batch is epoch 1's first.
     assert three[0].epoch == 1 and three[0].step == 0
+
+
+def _texts(loader: TrainLoader, steps: int) -> list[str]:
+    out: list[list[str]] = []
+    for batch in loader:
+        out.append(list(batch["text"]))
+        if len(out) == steps:
+            return [t for texts in out for t in texts]
+    raise AssertionError("the loader ran dry")
+
+
+def _resampled(src: Path, rank: int, world: int, batch: int) -> TrainLoader:
+    return TrainLoader(
+        resolve(str(src)), TRANSFORM, lambda texts: list(texts), batch, seed=5, rank=rank,
+        workers=0, shuffle_buffer=8, world=world, mode="resampled", shards_in_flight=2,
+    )  # fmt: skip
+
+
+def test_resampled_resume_on_another_world_keeps_the_streams_of_ranks_that_existed(
+    tmp_path,
+) -> None:
+    """docs/resume.md's promise for data.mode=resampled: 2 ranks -> 3 (global batch 6 kept):
+    ranks 0 and 1 go on with the very next samples of their own streams (with the new per-rank
+    batch); rank 2 starts a stream of its own. 2 ranks -> 1: rank 0 goes on with its stream."""
+    src = write_shards(tmp_path / "shards", [13, 7, 20, 4, 16])
+    whole = [_texts(_resampled(src, r, 2, 3), 8) for r in range(2)]  # 24 samples per rank
+    first = [_resampled(src, r, 2, 3) for r in range(2)]
+    head = [_texts(loader, 4) for loader in first]
+    states = [loader.state_dict() for loader in first]
+    three = [_resampled(src, r, 3, 2) for r in range(3)]
+    for r, loader in enumerate(three):  # rank 2 gets rank 0's state, as train.py gives it
+        loader.load_state_dict(states[min(r, 1)] if r < 2 else states[0], own=r < 2)
+    tail = [_texts(loader, 6) for loader in three]  # 12 samples per rank
+    for r in range(2):
+        assert head[r] + tail[r] == whole[r], r
+    # Rank 2's streams are fresh ones of the next seed, not rank 0's positions in its own.
+    fresh = _resampled(src, 2, 3, 2)
+    fresh.restarts = 1
+    assert tail[2] == _texts(fresh, 6)
+    assert three[2].state_dict()["restarts"] == 1 and three[0].state_dict()["restarts"] == 0
+    one = _resampled(src, 0, 1, 6)
+    one.load_state_dict(states[0])
+    assert head[0] + _texts(one, 2) == whole[0]
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -140,9 +140,10 @@ def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
     else:
         # A rank the checkpoint did not have (the world grew). The loader's state names the
         # layout it was written with, so rank 0's lets an epoch-mode loader take its share of
-        # the rest of the epoch (docs/resume.md); this rank's RNG starts from the seed.
+        # the rest of the epoch, and a resampled one start streams of its own (docs/resume.md);
+        # this rank's RNG starts from the seed.
         state = ckpt.load_rank_state(root, tag, 0)
-    loader.load_state_dict(state["loader"])
+    loader.load_state_dict(state["loader"], own=ckpt.has_rank_state(root, tag, info.rank))
     print0(f"resumed from {root / tag} at step {state['step']}")
     return int(state["step"])
 

@@ -128,7 +128,10 @@ class TrainLoader:
             state.update(restarts=self.restarts, roles=json.loads(json.dumps(self.roles)))
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], own: bool = True) -> None:
+        """Resume from `state`; own=False: another rank's state, for a rank the checkpoint did
+        not have (the world grew): epoch mode needs no state of its own, resampled mode starts
+        this rank's streams fresh (a new seed) rather than at the other rank's positions."""
         if state.get("mode", "resampled") != self.mode:
             raise SourceError(
                 f"the checkpoint's loader ran data.mode={state.get('mode', 'resampled')}, this run "
@@ -140,7 +143,7 @@ class TrainLoader:
             plan = state.get("plan_geometry")
             self._load_epoch(state, Geometry.from_state(plan) if plan is not None else old)
         else:
-            self._load_resampled(state, old)
+            self._load_resampled(state, old, own)
 
     def _load_epoch(self, state: dict[str, Any], plan: Geometry | None) -> None:
         if state["samples"] != self.spec.shards.samples:
@@ -161,12 +164,17 @@ class TrainLoader:
             self.history.append(PastGeometry(plan, self.step))
             self.plan_geo, self.step = self.geo, 0
 
-    def _load_resampled(self, state: dict[str, Any], old: Geometry | None) -> None:
+    def _load_resampled(self, state: dict[str, Any], old: Geometry | None, own: bool) -> None:
         self.restarts = int(state.get("restarts", 0))
-        same_streams = old is not None and (old.nw, old.buffer, old.lanes) == (
-            self.geo.nw,
-            self.geo.buffer,
-            self.geo.lanes,
+        same_streams = (
+            own
+            and old is not None
+            and (old.nw, old.buffer, old.lanes)
+            == (
+                self.geo.nw,
+                self.geo.buffer,
+                self.geo.lanes,
+            )
         )
         if same_streams and len(state["roles"]) == self.geo.nw:
             self.roles = [dict(r) for r in state["roles"]]
