@@ -7,7 +7,7 @@ kept, and in epoch mode the very global batches the old world would have made.
   batches of an uninterrupted run, sample for sample, and no key twice in the epoch; in
   resampled mode 2 ranks -> 3 or 1 keep the streams of the ranks that existed, and the new
   rank starts a fresh one;
-- the engine, real DeepSpeed over gloo: ZeRO-1, ZeRO-3 (fp32, bf16) checkpoints of 2 ranks
+- the engine, real DeepSpeed over gloo: ZeRO-1, 2, 3 (fp32, bf16) checkpoints of 2 ranks
   load on 1 with the same fp32 master, schedule and step counter, and train on alike;
 - the trainer under torchrun, ZeRO-2, data.mode=epoch on real shards: a 2-rank run SIGKILLed
   after its step-10 checkpoint resumes on 1 rank (per-rank batch doubled) and then, from that run's
@@ -161,7 +161,8 @@ def test_resampled_resume_on_another_world_keeps_the_streams_of_ranks_that_exist
 
 # ----------------------------------------------------------------------------- the engine
 
-CASES = [(1, "fp32"), (3, "fp32"), (3, "bf16")]
+# ZeRO-2 fp32 is the trainer test below.
+CASES = [(1, "fp32"), (1, "bf16"), (2, "bf16"), (3, "fp32"), (3, "bf16")]
 
 
 def _engine_cfg(stage: int, precision: str, world: int):
@@ -217,7 +218,7 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.multiproc
-def test_zero_1_and_3_fp32_and_bf16_checkpoints_load_on_another_world(tmp_path) -> None:
+def test_zero_1_2_3_fp32_and_bf16_checkpoints_load_on_another_world(tmp_path) -> None:
     (saved, _) = run_distributed(_elastic_worker, 2, str(tmp_path), None, timeout=600)
     (loaded,) = run_distributed(_elastic_worker, 1, str(tmp_path), 2, timeout=600)
     for case in CASES:
