@@ -435,19 +435,41 @@ def fetch_options(args: argparse.Namespace) -> fetch.FetchOptions:
     )
 
 
-def _results(pending: list[chunks.ChunkTask], processes: int) -> Iterator[chunks.ChunkSummary]:
-    """Chunk summaries as workers finish them (any order)."""
-    if processes == 1 or len(pending) <= 1:
-        yield from map(chunks.run_chunk, pending)
-        return
-    # spawn: no forked copy of tqdm's thread or a parent's open handles; same on macOS.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(processes, len(pending))) as pool:
-        yield from pool.imap_unordered(chunks.run_chunk, pending)
+class Workers:
+    """The worker processes (``--processes``), started before the input is read: their
+    start-up (a fresh interpreter importing Pillow and the fetch stack, ~0.25 s each) overlaps
+    with reading, checking and planning in this process instead of following it. With one
+    process, or one chunk to do, chunks run here."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self.pool: Any = None
+        if processes > 1:
+            # spawn: no forked copy of a parent's threads (fsspec's event loop) or open handles.
+            self.pool = multiprocessing.get_context("spawn").Pool(processes)
+
+    def results(self, pending: list[chunks.ChunkTask]) -> Iterator[chunks.ChunkSummary]:
+        """Chunk summaries as workers finish them (any order)."""
+        if self.pool is None or len(pending) <= 1:
+            yield from map(chunks.run_chunk, pending)
+        else:
+            yield from self.pool.imap_unordered(chunks.run_chunk, pending)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()  # all work is done (or abandoned): no need to wait for idle workers
+            self.pool.join()
 
 
 def run(
-    tasks: list[chunks.ChunkTask], work: Path, packer: Packer, args: argparse.Namespace
+    tasks: list[chunks.ChunkTask],
+    work: Path,
+    packer: Packer,
+    args: argparse.Namespace,
+    workers: Workers | None = None,
 ) -> None:
     """Process pending chunks in parallel; pack finished ones in input order as they arrive."""
     done = {t.index for t in tasks if chunks.is_done(work, t.index)}
@@ -457,7 +479,7 @@ def run(
                file=sys.stderr, disable=not args.progress, mininterval=0.5, dynamic_ncols=True)  # fmt: skip
     next_chunk = 0
     with bar:
-        for summary in _chained(done, pending, args.processes):
+        for summary in _chained(done, pending, workers or Workers(1)):
             done.add(summary.index)
             bar.update(summary.rows)
             # The packer needs chunks in input order: feed every one finished so far in a row.
@@ -470,12 +492,12 @@ def run(
 
 
 def _chained(
-    done: set[int], pending: list[chunks.ChunkTask], processes: int
+    done: set[int], pending: list[chunks.ChunkTask], workers: Workers
 ) -> Iterator[chunks.ChunkSummary]:
     # Chunks finished by an earlier run go first (rows=0: already counted in the bar).
     for index in sorted(done):
         yield chunks.ChunkSummary(index, 0, 0)
-    yield from _results(pending, processes)
+    yield from workers.results(pending)
 
 
 def _templates(value: str) -> list[str]:
@@ -558,6 +580,11 @@ def open_output(out: str, work: Path, fp: str, n_rows: int, args: argparse.Names
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with Workers(args.processes) as workers:
+        return _convert(args, workers)
+
+
+def _convert(args: argparse.Namespace, workers: Workers) -> int:
     try:
         ds, rows, base_dir = load_dataset(args)
         out = output_dir(args)
@@ -573,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = make_tasks(rows, size, args, work, base_dir)
     try:
         packer = Packer(out, work, args.samples_per_shard, args.dedupe in ("content", "both"))
-        run(tasks, work, packer, args)
+        run(tasks, work, packer, args, workers)
         write_sidecars(out, ds, args)
         manifest = finish(out, work, packer, args, fp, len(rows))
     except (WorkFilesMissing, DamagedOutput) as e:

@@ -136,17 +136,24 @@ class Clock:
                 self._thread = threading.Thread(target=self._run, name="fetch-clock", daemon=True)
                 self._thread.start()
             heapq.heappush(self._heap, entry)
-            self._wake.notify()
+            if self._heap[0] is entry:  # only a new earliest time changes the thread's wait
+                self._wake.notify()
         return entry
 
     @staticmethod
     def cancel(entry: list[Any]) -> None:
-        entry[2] = None  # left in the heap; skipped when its time comes
+        entry[2] = None  # left in the heap; dropped once it reaches the top
 
     def _run(self) -> None:
+        # One wake-up per callback that runs: cancelled entries (every deadline of an attempt
+        # that finished in time) are dropped as soon as they reach the top, never waited for.
         while True:
             with self._wake:
-                while not self._heap or self._heap[0][0] > time.monotonic():
+                while True:
+                    while self._heap and self._heap[0][2] is None:
+                        heapq.heappop(self._heap)
+                    if self._heap and self._heap[0][0] <= time.monotonic():
+                        break
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
                     self._wake.wait(timeout)
                 fn = heapq.heappop(self._heap)[2]

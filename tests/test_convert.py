@@ -312,6 +312,42 @@ def test_output_identical_for_any_process_count_and_chunking(tmp: Path) -> None:
     assert shards.read_manifest(one)["shards"] == shards.read_manifest(two)["shards"]
 
 
+def test_worker_processes_start_before_the_input_is_read(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Their start-up (a fresh interpreter each) overlaps with reading and planning; a bad
+    input still ends in one error line, the workers stopped."""
+    import multiprocessing
+
+    seen: list[int] = []
+    real = readers.load
+
+    def load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - readers.load's signature
+        seen.append(len(multiprocessing.active_children()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert.readers, "load", load)
+    run(tmp, "--processes", "2", "--chunk-rows", "3", out="p2")
+    assert seen == [2]
+    capsys.readouterr()
+    bad = tmp / "bad.csv"
+    bad.write_text("url,caption\n", encoding="utf-8")
+    argv = [
+        "--input",
+        str(bad),
+        "--output",
+        str(tmp / "o"),
+        "--url-col",
+        "nope",
+        "--processes",
+        "2",
+    ]
+    assert convert.main(argv) == 2
+    assert seen == [2, 2] and multiprocessing.active_children() == []
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error:") and "nope" in line, line
+
+
 def test_rerun_is_a_no_op_and_other_settings_need_overwrite(
     tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

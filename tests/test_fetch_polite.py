@@ -386,3 +386,31 @@ def test_header_and_retry_after_parsing_edge_cases() -> None:
     assert polite.retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480) == 10
     assert polite.retry_after_seconds("soon") is None
     assert polite.product_token(fetch.default_user_agent("https://x.org")) == token
+
+
+def test_clock_runs_a_new_earliest_callback_on_time_and_drops_cancelled_ones() -> None:
+    """The clock thread is woken only by a callback due before everything it holds;
+    cancelled entries (every deadline of an attempt that finished in time) never run and are
+    dropped when they reach the top, not kept (and waited for) until they are due."""
+    clock = fetch.Clock()
+    ran: list[tuple[str, float]] = []
+    done = threading.Event()
+    start = time.monotonic()
+    late = clock.call_at(start + 30, lambda: ran.append(("late", time.monotonic())))
+    cancelled = [
+        clock.call_at(start + 10 + i / 1000, lambda: ran.append(("x", 0.0))) for i in range(50)
+    ]
+    for entry in cancelled:
+        clock.cancel(entry)
+    time.sleep(0.2)  # the thread now waits for the 30 s entry
+    clock.call_at(
+        time.monotonic() + 0.05, lambda: (ran.append(("soon", time.monotonic())), done.set())
+    )
+    clock.call_at(time.monotonic() + 0.1, lambda: ran.append(("next", time.monotonic())))
+    assert done.wait(5), "a callback due before the clock's earliest one ran late"
+    time.sleep(0.3)
+    clock.cancel(late)
+    assert [name for name, _ in ran] == ["soon", "next"]
+    assert ran[0][1] - start < 1.0
+    # The cancelled ones were dropped long before they were due; the 30 s one is left.
+    assert len(clock._heap) == 1
