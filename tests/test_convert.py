@@ -442,3 +442,20 @@ def test_format_detection() -> None:
     assert readers.detect_format("Flickr8k.token.txt") == "flickr"
     with pytest.raises(TableError, match="--input-format"):
         readers.detect_format("rows.txt")
+
+
+@pytest.mark.parametrize("name", ["000000001.jpg", "a" * 96 + ".jpg", "a" * 97 + ".jpg", "é.txt"])
+def test_member_headers_are_the_ones_tarfile_writes(name: str) -> None:
+    """shards.tar_record builds plain ustar headers itself; each must equal tarfile's own (PAX
+    format), long and non-ASCII names and huge sizes included (tarfile writes those)."""
+    for size in (0, 1, 511, 512, 49_000, 8**11 - 1, 8**11):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o444, 0
+        want = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        assert shards._header(name, size) == want, (name, size)
+    record = shards.tar_record("k", {"jpg": b"x" * 700, "txt": "é".encode()})
+    with tarfile.open(fileobj=io.BytesIO(record)) as tar:
+        assert [(m.name, m.size, m.mode) for m in tar] == [
+            ("k.jpg", 700, 0o444),
+            ("k.txt", 2, 0o444),
+        ]
