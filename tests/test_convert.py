@@ -348,6 +348,19 @@ def test_worker_processes_start_before_the_input_is_read(
     assert line.startswith("error:") and "nope" in line, line
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is used on Linux only")
+def test_workers_fork_only_while_the_process_has_one_thread() -> None:
+    """A fresh process (this one has the threads of earlier in-process conversions) forks;
+    with a second thread alive it spawns: a forked copy could inherit a lock held there."""
+    code = (
+        "import threading; from data_tools import convert; a = convert.start_method(); "
+        "e = threading.Event(); t = threading.Thread(target=e.wait); t.start(); "
+        "b = convert.start_method(); e.set(); print(a, b)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fork", "spawn"]
+
+
 def test_rerun_is_a_no_op_and_other_settings_need_overwrite(
     tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
