@@ -343,23 +343,25 @@ row, on {min(ROWS, STAGE_IMAGES)} of the benchmark's photos ({SIZE} px {MODE}, q
 # Measured by hand, not rerun by the bench: what the figures above leave out, and the levers
 # tried. Update it when the code changes what it describes.
 PROFILE_NOTES = """
-Where the rest of the whole command's time goes (py-spy and cProfile of the worker processes,
-resource usage of each process; 2,000 photos, 2 processes, measured 2026-12-02): each worker
-spends ~2.0-2.5 ms of CPU per row in its processing thread (the steps above, run beside the
-other worker on a 2-vCPU machine) and ~0.3-0.6 ms in its 16 fetch threads and the kernel
-(sockets, thread hand-offs); ~0.1 s starting (spawn: a fresh interpreter importing
-data_tools). The main process uses ~0.6 s of CPU in all (pyarrow import and parquet read
-~0.3 s before the workers start, then copying chunk records into tars, sha256 of each shard,
-the row reports). Before this issue it used ~1.1 s: `pa.array()` imported pandas (0.66 s of CPU
-taken from the workers) when writing the first row report; shards.write_report now builds its
-string columns from buffers. The image steps are ~65-70 % of all CPU, so the converter is bound
-by JPEG decode, resize and encode. Most of the rest is threads handing work over:
-`strace -f -c` counts ~92,000 futex calls for the 2,000 rows (46 per row: the fetch pool's
-queue, the futures the processing thread waits on, and the GIL passing between the 16 fetch
-threads and the processing thread each time Pillow or a socket call releases it), next to
-10,000 polls and 2,000 connects. img2dataset spends ~6.3 ms of CPU per image on the same work
-(OpenCV decode, INTER_AREA resize and encode, plus heavier start-up: pandas, albumentations,
-fsspec in each process).
+Where the rest of the whole command's time goes (py-spy, perf and cProfile of the worker
+processes, resource usage of each process; 2,000 photos, 2 processes, measured 2026-12-02):
+each worker spends ~2.0-2.5 ms of CPU per row in its processing thread (the steps above, run
+beside the other worker on a 2-vCPU machine) and ~0.3-0.6 ms in its 16 fetch threads and the
+kernel (sockets, thread hand-offs). Start-up: main() starts the workers first, forked while it
+is still single-threaded (Linux; spawn elsewhere), so they are ready in ~10 ms with everything
+imported instead of ~0.25 s of CPU each for a fresh interpreter, and the main process reads and
+plans meanwhile (~0.2 s: interpreter and imports, ~0.15 s: pyarrow and the parquet read). The
+first chunk starts ~0.5 s after the command, the last ends ~0.1 s before it does; /proc/stat
+shows ~1.9 of the 2 cores busy in between. The main process uses ~0.6 s of CPU in all (start,
+then copying chunk records into tars, sha256 of each shard, the row reports). The image steps
+are ~65-70 % of all CPU (perf: Pillow's resample 22 %, libjpeg 24 %), so the converter is bound
+by JPEG decode, resize and encode. Thread hand-offs: `strace -f -c` of one process counted
+117,000 futex calls for the 2,000 rows; the fetch clock used to wake its thread for every
+attempt's deadline and again when each cancelled one came due, and now wakes only for a new
+earliest callback and drops cancelled ones at the top: 97,000. Each member's tar header is built
+directly (5 us against tarfile's 18, the same bytes). img2dataset spends ~6.5-7 ms of CPU per
+image on the same work (OpenCV decode, INTER_AREA resize and encode, plus heavier start-up:
+pandas, albumentations, fsspec in each process).
 
 Levers measured (CPU ms/image on the same photos, one thread):
 - Other JPEG codecs: simplejpeg 1.9 (libjpeg-turbo) decodes in 0.58-0.70 and encodes in 0.31
@@ -382,9 +384,16 @@ Levers measured (CPU ms/image on the same photos, one thread):
   issue 14) used 0.75 ms of CPU per request, a quarter of what the converter itself needs per
   image, on the same 2 cores; an asyncio server ~0.3 ms; the bench's threads answering with one
   prebuilt sendall ~0.12 ms, the same for both tools.
-- Fork instead of spawn for the workers (convert.py, not changed): 3 alternating rounds saved
-  ~0.3 s of CPU and 0.5-1 s of wall time per 2,000 rows (a second interpreter's imports);
-  spawn stays because the parent may hold tqdm's monitor thread and open handles.
+- Fork instead of spawn for the workers: 3 alternating runs saved ~0.35 s of CPU and ~0.15 s
+  of wall time per 2,000 rows once the workers start before the input is read (which alone
+  saved ~0.15 s of wall time). Forking is safe there because main() has no other thread yet;
+  with one (tqdm's monitor, fsspec's loop, a caller's threads) the workers are spawned.
+- forkserver (one clean process imports data_tools, workers fork from it): no wall-time gain
+  over the above, and its workers are not children of the command, so their CPU escapes
+  `resource.getrusage(RUSAGE_CHILDREN)`, this bench's measure.
+- The fetch threads: a finished fetch handing its host's next row to itself instead of queueing
+  it made no difference to the futex count (SimpleQueue already lets the putting thread take
+  it back). --processes 3 or 4 on 2 cores: the same wall time as 2 (CPU-bound, not GIL-bound).
 """
 
 
