@@ -51,6 +51,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from clipforge import cli
 from data_tools import chunks, fetch, images, readers, shards, store
 from data_tools.layouts import class_label, fill_template
 from data_tools.packer import STATUSES, DamagedOutput, Packer, WorkFilesMissing
@@ -208,7 +209,7 @@ def _polite_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="clipforge-convert",
         description="Convert an image-caption dump into fixed-size WebDataset shards "
         "(resumable: re-run the same command after a crash).",

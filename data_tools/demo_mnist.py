@@ -10,13 +10,14 @@ than memorise one sentence. Also writes the zero-shot class names and held-out p
 
 from __future__ import annotations
 
-import argparse
 import csv
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from clipforge import cli
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TRAIN_TEMPLATES = [
@@ -76,7 +77,7 @@ def write_dump(out: Path, seed: int = 0) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

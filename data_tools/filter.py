@@ -61,6 +61,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from clipforge import cli
 from clipforge.data.eval_loader import EvalLoader
 from clipforge.data.samples import open_image
 from data_tools import shards
@@ -599,14 +600,8 @@ def _cosine(text: str) -> float:
     return v
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        # One line, as every other bad input here (argparse would add its usage block first).
-        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m data_tools.filter", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m data_tools.filter", description=__doc__.split("\n")[0])
     p.add_argument("shards", help="shard folder, manifest, brace pattern, .txt list (:: joins)")
     p.add_argument("--checkpoint", required=True, help="clipforge run dir or open_clip export")
     g = p.add_mutually_exclusive_group(required=True)

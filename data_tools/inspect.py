@@ -15,7 +15,6 @@ and ``problems``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -33,6 +32,7 @@ from typing import Any
 import fsspec
 from PIL import Image
 
+from clipforge import cli
 from clipforge.data.tario import IMAGE_EXTS
 from data_tools.layouts import split_member
 
@@ -230,9 +230,7 @@ def _print_human(s: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m data_tools.inspect", description=__doc__.split("\n")[0]
-    )
+    p = cli.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n")[0])
     p.add_argument("source", help="shard folder, manifest.json, or one tar (local or URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--processes", type=int, default=1)

@@ -14,13 +14,13 @@ them. Exit 2 with one ``error:`` line when a slice is missing or unfinished
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clipforge import cli
 from data_tools import shards, store
 
 SIDECARS = ("classnames.txt", "zeroshot_classification_templates.txt")
@@ -96,7 +96,7 @@ def merge(out: str | Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m data_tools.merge_manifests", description=__doc__.split("\n")[0]
     )
     p.add_argument("output", help="the --output folder or URL of the array tasks")

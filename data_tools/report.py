@@ -50,6 +50,7 @@ from typing import Any
 import fsspec
 from PIL import Image, ImageOps
 
+from clipforge import cli
 from clipforge.data.shards import SourceError, resolve
 from clipforge.data.tario import IMAGE_EXTS, ShardReadError, iter_samples
 from data_tools import shards
@@ -751,9 +752,7 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m data_tools.report", description=__doc__.split("\n")[0]
-    )
+    p = cli.ArgumentParser(prog="python -m data_tools.report", description=__doc__.split("\n")[0])
     p.add_argument("shards", nargs="+", help="shard folder, manifest, brace pattern, .txt list")
     p.add_argument("-o", "--output", required=True, help="the HTML file to write (path or URL)")
     p.add_argument("--samples", type=_count, default=48, help="thumbnails on the contact sheet")

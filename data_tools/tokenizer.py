@@ -27,6 +27,7 @@ from pathlib import Path
 import fsspec
 import sentencepiece as spm
 
+from clipforge import cli
 from data_tools import shards
 
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
@@ -132,7 +133,7 @@ def train_model(captions: list[str], vocab_size: int = 8000, model_type: str = "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="clipforge-tokenizer",
         description="Train a sentencepiece tokenizer on captions from shards or a text file.",
     )

@@ -31,6 +31,8 @@ SCRIPTS = [
     "clipforge-tokenizer",
     "clipforge-inspect",
     "clipforge-merge-manifests",
+    "clipforge-filter",
+    "clipforge-report",
 ]
 
 
@@ -130,3 +132,32 @@ def test_every_console_script_runs_from_another_folder(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip()
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_console_script_reports_a_bad_flag_in_one_line(
+    installed: Path, tmp_path: Path, script: str
+) -> None:
+    """Not argparse's (or hydra's) usage block: one line, exit 2, nothing written."""
+    proc = _run(installed, tmp_path, str(installed / "bin" / script), "--no-such-flag", timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_then_report_from_another_folder(installed: Path, tmp_path: Path) -> None:
+    """The dataset builder's console scripts on real files: clipforge-convert writes shards,
+    clipforge-report a page about them."""
+    from test_convert import make_images, write_csv
+
+    make_images(tmp_path / "img")
+    table = write_csv(tmp_path / "rows.csv")
+    bin_ = installed / "bin"
+    convert = [str(bin_ / "clipforge-convert"), "--input", str(table), "--images", "img"]
+    convert += ["--output", "shards", "--image-size", "64", "--processes", "2", "--no-progress"]
+    proc = _run(installed, tmp_path, *convert)
+    assert proc.returncode == 0 and "wrote 7 samples" in proc.stderr, proc.stderr[-3000:]
+    proc = _run(installed, tmp_path, str(bin_ / "clipforge-report"), "shards", "-o", "r.html")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "row 0" in page and "decode failed" in page  # a caption, a failure reason

@@ -8,7 +8,6 @@ problem at once on one line and exits 2; prints `config ok` and exits 0 otherwis
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from hydra import compose, initialize_config_module
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clipforge import checkpoint as ckpt
+from clipforge import cli
 from clipforge.config import Config, ConfigError, register, validate
 
 
@@ -29,7 +29,7 @@ def load_config(overrides: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for clipforge.train")
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from clipforge import cli
 from clipforge.data.eval_loader import EvalLoader
 from clipforge.data.shards import SourceError, resolve
 from clipforge.eval import retrieval
@@ -66,9 +67,7 @@ def write(out: Path, keys: list[str], feats: torch.Tensor, captions: list[str] |
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m clipforge.embed", description=__doc__.splitlines()[0]
-    )
+    p = cli.ArgumentParser(prog="python -m clipforge.embed", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run directory (model.safetensors, ...)")
     p.add_argument("--input", required=True, help="shard folder, manifest, pattern (:: joins)")
     p.add_argument("--kind", required=True, choices=["image", "text"])

@@ -23,7 +23,6 @@ position our text tower pools at.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from clipforge import cli
 from clipforge.checkpoint import load_exported
 from clipforge.config import ModelConfig
 from clipforge.model import build_model
@@ -268,7 +268,7 @@ def export_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = cli.ArgumentParser(
         prog="python -m clipforge.export", description=(__doc__ or "").split("\n")[0]
     )
     ap.add_argument("run_dir", help="a run directory holding model.safetensors and config.yaml")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from clipforge import cli
 from clipforge.eval.exported import load_run, pick_device
 from clipforge.eval.zeroshot import build_classifier
 
@@ -40,9 +41,7 @@ def parse_templates(text: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m clipforge.predict", description=__doc__.splitlines()[0]
-    )
+    p = cli.ArgumentParser(prog="python -m clipforge.predict", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="run directory (model.safetensors, ...)")
     p.add_argument("--labels", required=True, help="comma-separated label words")
     p.add_argument("--templates", default=None, help="file, or templates joined with |")

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from clipforge import checkpoint as ckpt
-from clipforge import init_from
+from clipforge import cli, init_from
 from clipforge.config import Config, ConfigError, register, validate
 from clipforge.data.shards import ShardSet, SourceError, resolve
 from clipforge.data.synthetic import SyntheticLoader
@@ -309,6 +309,9 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
+
+    cli.check_flags(get_args_parser(), sys.argv[1:])
     _hydra_main()
 
 

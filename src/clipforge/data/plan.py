@@ -33,12 +33,13 @@ samples a checkpoint had consumed are known exactly without reading anything.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from clipforge import cli
 
 # Salts that keep the seeds of different uses apart.
 SHARD_ORDER, BLOCK, DRAW, AUGMENT, CAPTION = 11, 12, 13, 14, 15
@@ -295,7 +296,7 @@ def build_epoch(
 
 
 def _main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("samples", type=int)
     p.add_argument("--shard-size", type=int, default=100)
     for name, default in (("world", 2), ("workers", 2), ("batch", 8), ("buffer", 64), ("lanes", 4)):
