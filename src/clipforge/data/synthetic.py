@@ -35,7 +35,8 @@ class SyntheticLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"batches": self.batches}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], own: bool = True) -> None:
+        # Batches are drawn from (seed, rank, index): another rank's count is as good as its own.
         self.batches = state["batches"]
 
     def metrics(self) -> dict[str, float]:
