@@ -447,13 +447,11 @@ def start_method() -> str:
 
 
 class Workers:
-    """The worker processes (``--processes``), started before the input is read: their
-    start-up (a fresh interpreter importing Pillow and the fetch stack, ~0.25 s each) overlaps
-    with reading, checking and planning in this process instead of following it. With one
-    process, or one chunk to do, chunks run here."""
+    """The worker processes (``--processes``), started before the input is read (see
+    start_method), so that their start-up overlaps with reading, checking and planning in this
+    process instead of following it. With one process, or one chunk to do, chunks run here."""
 
     def __init__(self, processes: int) -> None:
-        self.processes = processes
         self.pool: Any = None
         if processes > 1:
             self.pool = multiprocessing.get_context(start_method()).Pool(processes)
@@ -479,7 +477,7 @@ def run(
     work: Path,
     packer: Packer,
     args: argparse.Namespace,
-    workers: Workers | None = None,
+    workers: Workers,
 ) -> None:
     """Process pending chunks in parallel; pack finished ones in input order as they arrive."""
     done = {t.index for t in tasks if chunks.is_done(work, t.index)}
@@ -489,7 +487,7 @@ def run(
                file=sys.stderr, disable=not args.progress, mininterval=0.5, dynamic_ncols=True)  # fmt: skip
     next_chunk = 0
     with bar:
-        for summary in _chained(done, pending, workers or Workers(1)):
+        for summary in _chained(done, pending, workers):
             done.add(summary.index)
             bar.update(summary.rows)
             # The packer needs chunks in input order: feed every one finished so far in a row.

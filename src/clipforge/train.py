@@ -134,7 +134,8 @@ def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
             f"global batch of {cfg.train.batch_size * info.world_size}"
         )
     engine.load(root, tag, saved_world)
-    if ckpt.has_rank_state(root, tag, info.rank):
+    own = ckpt.has_rank_state(root, tag, info.rank)
+    if own:
         state = ckpt.load_rank_state(root, tag, info.rank)
         ckpt.restore_rng(state["rng"])
     else:
@@ -143,7 +144,7 @@ def resume(engine, loader, cfg: Config, info: dist.DistInfo) -> int:
         # the rest of the epoch, and a resampled one start streams of its own (docs/resume.md);
         # this rank's RNG starts from the seed.
         state = ckpt.load_rank_state(root, tag, 0)
-    loader.load_state_dict(state["loader"], own=ckpt.has_rank_state(root, tag, info.rank))
+    loader.load_state_dict(state["loader"], own=own)
     print0(f"resumed from {root / tag} at step {state['step']}")
     return int(state["step"])
 

@@ -166,16 +166,9 @@ class TrainLoader:
 
     def _load_resampled(self, state: dict[str, Any], old: Geometry | None, own: bool) -> None:
         self.restarts = int(state.get("restarts", 0))
-        same_streams = (
-            own
-            and old is not None
-            and (old.nw, old.buffer, old.lanes)
-            == (
-                self.geo.nw,
-                self.geo.buffer,
-                self.geo.lanes,
-            )
-        )
+        geo = self.geo
+        layout = (geo.nw, geo.buffer, geo.lanes)
+        same_streams = own and old is not None and (old.nw, old.buffer, old.lanes) == layout
         if same_streams and len(state["roles"]) == self.geo.nw:
             self.roles = [dict(r) for r in state["roles"]]
         else:  # positions of another layout mean nothing here: fresh streams, a new seed
