@@ -237,7 +237,8 @@ def _one_process_worker(rank: int, world: int, ckpt_dir: str) -> dict[str, objec
     """Every single-process scenario in one spawn: DeepSpeed's start-up is the main cost."""
     out: dict[str, object] = {"gradcache": _gradcache_worker(rank, world)}
     out["gradcache siglip"] = _gradcache_worker(rank, world, "siglip")
-    out["clip"] = _clip_worker(rank, world)
+    for stage in (0, 1, 2):  # ZeRO-1/2: engine._grad_norm_without_fp64_copies
+        out[f"clip zero{stage}"] = _clip_worker(rank, world, stage)
     for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16")):
         out[f"bounds {stage}-{precision}"] = _bounds_worker(rank, world, stage, precision)
     for stage, precision in ((0, "bf16"), (0, "fp32")):
@@ -438,8 +439,8 @@ def _check_bounds(r: dict[str, object]) -> None:
 # ----------------------------------------------------------------------------- clipping, dtypes
 
 
-def _clip_worker(rank: int, world: int) -> dict[str, float]:
-    cfg = engine_cfg(0)
+def _clip_worker(rank: int, world: int, stage: int = 0) -> dict[str, float]:
+    cfg = engine_cfg(stage)
     task = make_task(cfg.model)
     ref = copy.deepcopy(task)
     batch = batch_for(rank)
@@ -463,9 +464,10 @@ def _clip_worker(rank: int, world: int) -> dict[str, float]:
 
 
 @pytest.mark.multiproc
-def test_gradient_clipping_scales_the_step(one_process) -> None:
-    r = one_process["clip"]
-    assert r["reported"] == pytest.approx(r["norm"], rel=1e-5)  # the norm before clipping
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_gradient_clipping_scales_the_step(one_process, stage: int) -> None:
+    r = one_process[f"clip zero{stage}"]
+    assert r["reported"] == pytest.approx(r["norm"], rel=1e-6)  # the norm before clipping
     assert r["diff"] < 1e-6, r
 
 
@@ -768,11 +770,60 @@ def test_lone_zero12_skips_reduction_with_identical_results() -> None:
         assert "grad_norm" in skip["metrics"][-1], case
 
 
-def _two_rank_reduction_worker(rank: int, world: int) -> bool:
+def _two_rank_reduction_worker(rank: int, world: int) -> dict[str, object]:
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     engine = make_engine(make_task(tiny_model_cfg()), engine_cfg(2))
-    return "reduce_independent_p_g_buckets_and_remove_grads" in vars(engine.optimizer)
+    opt = engine.optimizer
+    # One backward: DeepSpeed has reduced and partitioned the gradients; compare the global
+    # norm ours computes with DeepSpeed's float64 one on the same partitions.
+    engine.ds.backward(engine.ds(batch_for(rank))[0])
+    groups = range(len(opt.bit16_groups))
+    args = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in groups]
+    return {
+        "own reduction": "reduce_independent_p_g_buckets_and_remove_grads" in vars(opt),
+        "own norm": "get_grad_norm_direct" in vars(opt),
+        "norms": [opt.get_grad_norm_direct(*a).item() for a in args],
+        "deepspeed norms": [
+            DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, *a).item() for a in args
+        ],
+        "partition": sum(t.numel() for grads, _ in args for t in grads),
+    }
 
 
 @pytest.mark.multiproc
-def test_zero2_with_two_ranks_keeps_deepspeeds_reduction() -> None:
-    assert run_distributed(_two_rank_reduction_worker, 2, timeout=600) == [False, False]
+def test_zero2_with_two_ranks_keeps_deepspeeds_reduction_and_global_norm() -> None:
+    """With two ranks DeepSpeed's own gradient reduction stays; the gradient norm is ours
+    (engine._grad_norm_without_fp64_copies) and equals DeepSpeed's float64 one, on each rank's
+    half of the partition, summed over both."""
+    ranks = run_distributed(_two_rank_reduction_worker, 2, timeout=600)
+    assert [r["own reduction"] for r in ranks] == [False, False]
+    assert [r["own norm"] for r in ranks] == [True, True]
+    assert ranks[0]["partition"] > 0 and ranks[1]["partition"] > 0
+    for r in ranks:
+        assert r["norms"] == pytest.approx(r["deepspeed norms"], rel=1e-6), r
+        assert r["norms"] == pytest.approx(ranks[0]["norms"], rel=1e-7), ranks
+
+
+def test_sum_of_squares_keeps_float64_accuracy_without_float64_copies() -> None:
+    """The gradient norm's sum (engine/deepspeed.py): one fp32 norm over a CLIP-sized token
+    embedding gradient (49,408 x 512 here) is off by ~1e-4 on CPU; the chunked sum is not."""
+    from clipforge.engine.deepspeed import sum_of_squares
+
+    g = torch.Generator().manual_seed(0)
+    grads = [
+        torch.randn(49408, 512, generator=g) * 1e-3,  # a multiple of the chunk
+        torch.randn(4097, generator=g),  # one chunk and one element
+        torch.randn(3, 5, generator=g).t(),  # shorter than a chunk, not contiguous
+        torch.zeros(0),
+    ]
+    want = sum((t.double() ** 2).sum() for t in grads)
+    got = sum_of_squares(grads)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(want.item(), rel=1e-7)
+    plain = sum(torch.linalg.vector_norm(t).double() ** 2 for t in grads)
+    assert abs(plain.item() / want.item() - 1) > 10 * abs(got.item() / want.item() - 1)
+    assert sum_of_squares([]).item() == 0.0
+    bf16 = [t.bfloat16() for t in grads[:2]]
+    want16 = sum((t.double() ** 2).sum() for t in bf16)
+    assert sum_of_squares(bf16).item() == pytest.approx(want16.item(), rel=1e-5)

@@ -179,6 +179,89 @@ def test_grad_checkpointing_matches(tiny: CLIP) -> None:
         torch.testing.assert_close(got[key], expected[key])
 
 
+def _full_forward(model: CLIP, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Both towers the long way: timm's own trunk forward and every text position through the
+    last block (forward_hidden), then the pooled rows; [B, 2 * embed_dim]."""
+    visual, tower = model.visual, model.text
+    eos = ((text != 0).sum(-1) - 1).clamp(min=0)
+    hidden = tower.forward_hidden(text)[torch.arange(len(text)), eos]
+    return torch.cat([visual.proj(visual.trunk(image)), tower.text_projection(hidden)], dim=1)
+
+
+def _outputs_and_grads(model: CLIP, forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    image, text = tiny_batch()
+    model.zero_grad(set_to_none=True)
+    out = forward(model, image, text)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def _pooled_forward(model: CLIP, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model.visual(image), model.text(text)], dim=1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("vit", ["plain", "qk_norm+layer_scale+registers"])
+def test_last_block_for_the_pooled_token_only_equals_the_full_block(
+    vit: str, checkpointing: bool
+) -> None:
+    """model/pooled.py: the last block of each tower, computed for the class / EOS token only,
+    gives the full forward's features and every parameter's gradient (captions of 5, 12, 32
+    and 1 tokens: EOS at different positions, one with no padding, one EOS only)."""
+    cfg = load_cfg("tiny")
+    if vit != "plain":
+        cfg.image.timm_kwargs = {
+            **cfg.image.timm_kwargs, "qk_norm": True, "init_values": 0.1, "reg_tokens": 2,
+        }  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab_size=VOCAB).train()
+    assert model.visual.class_token_only
+    model.set_grad_checkpointing(checkpointing)
+    got, got_grads = _outputs_and_grads(model, _pooled_forward)
+    want, want_grads = _outputs_and_grads(model, _full_forward)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (
+        got_grads.keys()
+        == want_grads.keys()
+        == {n for n, _ in model.named_parameters()} - {"logit_scale"}
+    )
+    # Per parameter, relative to its gradient's norm: the two orders of summation differ by
+    # float32 rounding (~1e-6 relative here), an element near zero has no relative scale. The
+    # floor is for gradients that are zero but for rounding (k_norm's bias shifts every key
+    # alike, which no softmax sees).
+    off = {n: ((got_grads[n] - g).norm() / (g.norm() + 0.1)).item() for n, g in want_grads.items()}
+    assert max(off.values()) < 1e-5, sorted(off.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_last_block_for_the_pooled_token_only_saves_a_fifth_of_the_work() -> None:
+    """FLOPs of forward + backward on the tiny model (torch's own counter, not a timer): the
+    pooled last block must spare ~18 %; the full forward is the reference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = build_model(load_cfg("tiny"), vocab_size=VOCAB)
+
+    def flops(forward) -> int:
+        with FlopCounterMode(display=False) as counter:
+            _outputs_and_grads(model, forward)
+        return counter.get_total_flops()
+
+    ratio = flops(_pooled_forward) / flops(_full_forward)
+    assert 0.78 < ratio < 0.85, ratio
+
+
+def test_other_vit_poolings_keep_the_full_forward() -> None:
+    """Average pooling reads every token of the last block: no shortcut, timm's forward."""
+    cfg = load_cfg("tiny")
+    cfg.image.timm_kwargs = {**cfg.image.timm_kwargs, "global_pool": "avg"}
+    model = build_model(cfg, vocab_size=VOCAB)
+    assert not model.visual.class_token_only
+    image, _ = tiny_batch()
+    torch.testing.assert_close(model.visual(image), model.visual.proj(model.visual.trunk(image)))
+
+
 def test_patch_dropout_only_in_training() -> None:
     cfg = load_cfg("tiny")
     cfg.image.patch_dropout = 0.5

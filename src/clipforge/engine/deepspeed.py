@@ -47,7 +47,12 @@ import deepspeed  # noqa: E402  (must follow DS_ACCELERATOR)
 from deepspeed.checkpoint import ds_to_universal  # noqa: E402
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.utils import (  # noqa: E402
+    is_model_parallel_parameter,
+    mask_nan_or_inf_with_val_inplace,
+)
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 from deepspeed.utils import (  # noqa: E402
     safe_get_full_fp32_param,
@@ -195,6 +200,72 @@ def _skip_lone_zero12_reduction(optimizer: Any) -> bool:
     return True
 
 
+# Elements per fp32 partial norm in _grad_norm_without_fp64_copies: short enough that each
+# partial sum keeps float64's answer to ~1e-8 relative (torch's CPU norm sums sequentially, so
+# one fp32 norm over a 6.3M-element embedding gradient is off by ~2e-4), long enough that the
+# partials cost nothing beside the pass over the gradient.
+_NORM_CHUNK = 4096
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum(t.double().square().sum() for t in tensors), a float64 scalar, without float64 copies
+    of the tensors: fp32 norms of 4096-element chunks, squared and summed in float64."""
+    parts = []
+    for t in tensors:
+        flat = t.reshape(-1)
+        whole = flat.numel() // _NORM_CHUNK * _NORM_CHUNK
+        if whole:
+            chunks = flat[:whole].view(-1, _NORM_CHUNK)
+            parts.append(torch.linalg.vector_norm(chunks, dim=1, dtype=torch.float32))
+        if whole < flat.numel():
+            rest = torch.linalg.vector_norm(flat[whole:], dtype=torch.float32)
+            parts.append(rest.reshape(1))
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.cat(parts).double().square().sum()
+
+
+def _grad_norm_without_fp64_copies(optimizer: Any) -> bool:
+    """ZeRO-1/2's global gradient norm (clipping, the logged grad_norm) from fp32 partial sums.
+
+    DeepSpeed's get_grad_norm_direct converts every gradient of the partition to float64
+    first, a copy twice the gradient's size: the bench's tiny model, one thread, ~20 ms of a
+    ~40 ms optimizer step, for a norm that a 1e-3 error would not change the clipping of.
+    This replacement keeps its contract at any world size (L2 over this rank's partition,
+    zero padding and pipeline-replicated copies skipped, summed over the data-parallel and
+    model-parallel groups, inf/NaN reported as -1) and its accuracy (float64 sums of fp32
+    chunk norms, ~1e-8 relative), reading each gradient once. Other norms (inf) go to
+    DeepSpeed's. Returns whether it applied (not with CPU offload, which has its own path).
+    """
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return False
+    original = optimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(
+        gradients: list[torch.Tensor], params: list[nn.Parameter], norm_type: float = 2
+    ) -> torch.Tensor:
+        if float(norm_type) != 2.0:
+            return original(gradients, params, norm_type)
+        real = (g for g in gradients if not getattr(g, "_zero_padding", False))
+        counted = [
+            g
+            for g, p in zip(real, params)
+            if not getattr(p, "ds_pipe_replicated", False)
+            and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)
+        ]
+        total = sum_of_squares(counted).float().to(optimizer.device)
+        deepspeed.comm.all_reduce(
+            total, op=deepspeed.comm.ReduceOp.SUM, group=optimizer.dp_process_group
+        )
+        optimizer._model_parallel_all_reduce(tensor=total, op=deepspeed.comm.ReduceOp.SUM)
+        total = total.sqrt()
+        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
+        return total
+
+    optimizer.get_grad_norm_direct = get_grad_norm_direct
+    return True
+
+
 class Engine:
     """One training step = forward, backward, step (over K chunks when accumulating); plus
     checkpoints and weight export."""
@@ -236,6 +307,8 @@ class Engine:
             self.ds.enable_backward_allreduce = False
         if self.zero_stage in (1, 2) and dist_info.world_size == 1:
             _skip_lone_zero12_reduction(self.optimizer)
+        if self.zero_stage in (1, 2):
+            _grad_norm_without_fp64_copies(self.optimizer)
         self._fp32_grad_norm: torch.Tensor | None = None
         if self.zero_stage == 0 and self.precision == "fp32":
             # This is the one path where DeepSpeed clips but throws the norm away.

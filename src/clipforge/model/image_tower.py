@@ -17,25 +17,87 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.layers import AttentionPool2d, PatchDropout, RotAttentionPool2d, trunc_normal_
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipforge.config import ImageTowerConfig
+from clipforge.model.pooled import attend_one
 
 
 class ImageTower(nn.Module):
-    """Images [B, 3, H, W] -> image embeddings [B, embed_dim] (not normalized)."""
+    """Images [B, 3, H, W] -> image embeddings [B, embed_dim] (not normalized).
+
+    A timm ViT that pools its class token runs its last block for that token only
+    (model/pooled.py): the same features for a quarter of the block's matmul work."""
 
     def __init__(self, trunk: nn.Module, proj: nn.Module) -> None:
         super().__init__()
         self.trunk = trunk
         self.proj = proj
+        self.class_token_only = pools_class_token(trunk)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Pass through to timm, which checkpoints block by block."""
         self.trunk.set_grad_checkpointing(enable)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.class_token_only:
+            return self.proj(_class_token_forward(self.trunk, image))
         return self.proj(self.trunk(image))
+
+
+def pools_class_token(trunk: nn.Module) -> bool:
+    """Whether `trunk` is a plain timm ViT whose output is its class token after pre-norm blocks
+    of timm's own Block/Attention: the trunks _class_token_forward reproduces. Anything else
+    (average or attention pooling, other block types, a ResNet) runs timm's full forward."""
+    if type(trunk) is not VisionTransformer or trunk.global_pool != "token":
+        return False
+    if trunk.attn_pool is not None or trunk.cls_token is None or len(trunk.blocks) == 0:
+        return False
+    last = trunk.blocks[-1]
+    attn = getattr(last, "attn", None)
+    return (
+        type(last) is Block
+        and type(attn) is Attention
+        and getattr(attn, "gate", None) is None
+        and attn.qkv.out_features == 3 * attn.proj.in_features
+    )
+
+
+def _class_token_forward(trunk: VisionTransformer, image: torch.Tensor) -> torch.Tensor:
+    """timm's forward_features + forward_head for class-token pooling, with the last block run
+    for the class token alone (pools_class_token says when this equals trunk(image))."""
+    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(image))))
+    *blocks, last = trunk.blocks
+    for block in blocks:
+        if trunk.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    if trunk.grad_checkpointing and torch.is_grad_enabled():
+        x = checkpoint(_last_block_class_token, last, x, use_reentrant=False)
+    else:
+        x = _last_block_class_token(last, x)
+    x = trunk.norm(x)[:, 0]
+    return trunk.head(trunk.head_drop(trunk.fc_norm(x)))
+
+
+def _last_block_class_token(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """timm's Block.forward at row 0 only: [B, N, C] -> [B, 1, C]."""
+    attn = block.attn
+    h = block.norm1(x)
+    out = attend_one(
+        attn.qkv(h),
+        attn.num_heads,
+        dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        q_norm=attn.q_norm,
+        k_norm=attn.k_norm,
+    )
+    out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+    x = x[:, :1] + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def _timm_kwargs(cfg: ImageTowerConfig) -> dict[str, Any]:

@@ -13,10 +13,14 @@ not rely on EOS having the largest id, as open_clip's `argmax` pooling does.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from clipforge.model.pooled import attend_one, key_mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -65,6 +69,20 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """forward(x)[b, position[b]] for every b, computing that row only (model/pooled.py):
+        [B, N, C] and [B] -> [B, C]."""
+        h = self.ln_1(x)
+        out = attend_one(
+            self.attn.qkv(h),
+            self.attn.heads,
+            position,
+            # Causal, seen from position[b]: itself and what precedes it.
+            attn_mask=key_mask(position, x.shape[1]),
+        )
+        x = x[torch.arange(x.shape[0], device=x.device), position] + self.attn.out_proj(out[:, 0])
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,25 +135,38 @@ class TextTower(nn.Module):
         """Recompute each block's activations in backward instead of storing them."""
         self.grad_checkpointing = enable
 
-    def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] -> final-LayerNorm hidden states [B, L, width] (all positions)."""
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"got {tokens.shape[1]} tokens per caption, context_length is {self.context_length}"
             )
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+
+    def _call(self, fn: Any, *args: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # use_reentrant=False: works when inputs need no grad and with ZeRO-3 hooks.
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> final-LayerNorm hidden states [B, L, width] (all positions)."""
+        x = self._embed(tokens)
         for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # use_reentrant=False: works when inputs need no grad and with ZeRO-3 hooks.
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self._call(block, x)
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, L] (pad 0, EOS last non-pad) -> projected EOS features [B, embed_dim]."""
-        x = self.forward_hidden(tokens)
+        """Token ids [B, L] (pad 0, EOS last non-pad) -> projected EOS features [B, embed_dim].
+
+        Equal to forward_hidden at EOS, but the last block computes the EOS row only."""
         # clamp: an all-pad row (never produced by the tokenizer) pools position 0, not -1.
         eos = ((tokens != 0).sum(-1) - 1).clamp(min=0)
-        x = x[torch.arange(x.shape[0], device=x.device), eos]
-        return self.text_projection(x)
+        x = self._embed(tokens)
+        if len(self.resblocks) == 0:
+            return self.text_projection(
+                self.ln_final(x[torch.arange(x.shape[0], device=x.device), eos])
+            )
+        *blocks, last = self.resblocks
+        for block in blocks:
+            x = self._call(block, x)
+        return self.text_projection(self.ln_final(self._call(last.forward_at, x, eos)))
