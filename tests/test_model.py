@@ -217,7 +217,7 @@ def test_last_block_for_the_pooled_token_only_equals_the_full_block(
         }  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg, vocab_size=VOCAB).train()
-    assert model.visual.class_token_only
+    assert model.visual.last_block_pooled_only
     model.set_grad_checkpointing(checkpointing)
     got, got_grads = _outputs_and_grads(model, _pooled_forward)
     want, want_grads = _outputs_and_grads(model, _full_forward)
@@ -257,7 +257,7 @@ def test_other_vit_poolings_keep_the_full_forward() -> None:
     cfg = load_cfg("tiny")
     cfg.image.timm_kwargs = {**cfg.image.timm_kwargs, "global_pool": "avg"}
     model = build_model(cfg, vocab_size=VOCAB)
-    assert not model.visual.class_token_only
+    assert not model.visual.last_block_pooled_only
     image, _ = tiny_batch()
     torch.testing.assert_close(model.visual(image), model.visual.proj(model.visual.trunk(image)))
 

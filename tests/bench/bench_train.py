@@ -26,7 +26,10 @@ bench also measures CPU seconds per step in one process with one thread (both mo
 same batch, steps interleaved, min of BENCH_TRAIN_CPU_REPEATS): time other jobs take is not
 counted there. The target (ours >= 1.15x open_clip) is asserted on that figure for the DEFAULT
 path: the engine as `clipforge.train` builds it from conf/train.yaml (ZeRO-2), reading its
-metrics back at logging steps only, as the training loop does.
+metrics back at logging steps only, as the training loop does. That figure is taken with this
+machine's own kernels and, on an AVX-512 machine, again with torch's kernels, MKL and oneDNN
+held to AVX2 (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA): the slower
+AVX2-only machines the target must hold on too; the lower of the two is asserted.
 """
 
 from __future__ import annotations
@@ -59,6 +62,19 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 # told otherwise; the CPU-time target is asserted on the default path (DEFAULT_ROW).
 ZERO = int(os.environ.get("BENCH_TRAIN_ZERO", "2"))
 DEFAULT_ROW = "clipforge: Engine step, default path (ZeRO-2, as clipforge.train builds it)"
+FWD_BWD_ROW = "clipforge: forward + backward"
+FULL_ROW = "clipforge: forward + backward, every token through the last blocks (as open_clip)"
+OC_ROW = "open_clip: trainer step (+ clip, default AdamW)"
+OC_FWD_BWD_ROW = "open_clip: forward + backward"
+# The CPU-time table is measured on this machine's own instruction set and, where that is
+# AVX-512, again with torch's kernels, MKL and oneDNN held to AVX2: the slower 2-core AVX2
+# machines this bench must also pass on (BENCH_TRAIN_ISAS="native" skips the second).
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+ISAS = os.environ.get("BENCH_TRAIN_ISAS", "native,avx2").split(",")
 VOCAB = 49408
 TARGET = 1.15  # ours / open_clip samples per second (per CPU second, see the test)
 # The same hyper-parameters on both sides (ours: conf defaults + smoke_cpu's 1 warmup step).
@@ -214,7 +230,16 @@ def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(task.parameters(), CLIP)
         opt.step()
 
-    steps["clipforge: forward + backward"] = ours_fwd_bwd
+    full_task = new_task()  # every token through the last block of each tower, as open_clip
+    full_task.model.visual.last_block_pooled_only = False
+    full_task.model.text.last_block_pooled_only = False
+
+    def ours_full_fwd_bwd() -> None:
+        full_task.zero_grad(set_to_none=True)
+        full_task(batch)[0].backward()
+
+    steps[FULL_ROW] = ours_full_fwd_bwd
+    steps[FWD_BWD_ROW] = ours_fwd_bwd
     steps["clipforge: plain torch step (+ clip, fused AdamW)"] = ours_plain
     for stage in (0, 2):
         cfg = Config(
@@ -245,8 +270,8 @@ def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), CLIP)
         their_opt.step()
 
-    steps["open_clip: forward + backward"] = oc_fwd_bwd
-    steps["open_clip: trainer step (+ clip, default AdamW)"] = oc_step
+    steps[OC_FWD_BWD_ROW] = oc_fwd_bwd
+    steps[OC_ROW] = oc_step
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(CPU_REPEATS):  # interleaved, so a slow minute hits every row alike
         for name, fn in steps.items():
@@ -286,15 +311,63 @@ def default_engine():
     return train.dist_engine(task, cfg, info)
 
 
-def measure_cpu() -> dict[str, float]:
+def _cpu_capability_worker(rank: int, world: int) -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def measure_cpu() -> dict[str, dict[str, float]]:
+    """{instruction set the kernels ran with: {row: CPU s}}, one spawned process per set."""
     sys.path.insert(0, str(REPO / "tests"))
     from dist_utils import run_distributed  # one thread per process, gloo group of one
 
-    return run_distributed(_cpu_worker, 1, str(openclip_model_dir()), timeout=1200)[0]
+    out = {}
+    for isa in ISAS:
+        env = AVX2_ENV if isa == "avx2" else {}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read by the spawned process's torch, MKL and oneDNN
+        try:
+            capability = run_distributed(_cpu_capability_worker, 1)[0]
+            if capability in out:  # an AVX2 machine: "native" already measured it
+                continue
+            model_dir = str(openclip_model_dir())
+            out[capability] = run_distributed(_cpu_worker, 1, model_dir, timeout=1200)[0]
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return out
+
+
+def _cpu_table(isa: str, cpu: dict[str, float]) -> list[str]:
+    their_step = cpu[OC_ROW]
+    ours_extra = cpu[DEFAULT_ROW] - cpu[FWD_BWD_ROW]
+    their_extra = their_step - cpu[OC_FWD_BWD_ROW]
+    label = (
+        "this machine's own"
+        if isa == NATIVE
+        else "held to AVX2 (`" + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + "`)"
+    )
+    return [
+        f"Kernels {isa.upper()}, {label}: **{their_step / cpu[DEFAULT_ROW]:.2f}x** on the "
+        "default path.",
+        "",
+        "| step | CPU s | open_clip trainer step / this |",
+        "| --- | ---: | ---: |",
+        *(f"| {name} | {t:.3f} | {their_step / t:.2f}x |" for name, t in cpu.items()),
+        "",
+        f"What the step adds to forward + backward: ours (default path) {ours_extra:.3f} s, "
+        f"open_clip's trainer (clip_grad_norm_ + AdamW) {their_extra:.3f} s.",
+        "",
+    ]
+
+
+NATIVE = torch.backends.cpu.get_cpu_capability().lower()
 
 
 def render(
-    rounds: dict[str, list[tuple[float, float]]], cpu: dict[str, float]
+    rounds: dict[str, list[tuple[float, float]]], cpus: dict[str, dict[str, float]]
 ) -> tuple[str, float]:
     ours, theirs = (BATCH / min(t for t, _ in rounds[k]) for k in ("ours", "open_clip"))
     ours_c, theirs_c = (BATCH / min(c for _, c in rounds[k]) for k in ("ours", "open_clip"))
@@ -302,9 +375,9 @@ def render(
     per_round = "; ".join(
         f"{k} [{', '.join(f'{BATCH / t:.1f}' for t, _ in v)}]" for k, v in rounds.items()
     )
-    their_step = cpu["open_clip: trainer step (+ clip, default AdamW)"]
-    cpu_ratio = their_step / cpu[DEFAULT_ROW]
-    cpu_rows = [f"| {name} | {t:.3f} | {their_step / t:.2f}x |" for name, t in cpu.items()]
+    ratios = {isa.lower(): cpu[OC_ROW] / cpu[DEFAULT_ROW] for isa, cpu in cpus.items()}
+    cpu_ratio = min(ratios.values())
+    headline = ", ".join(f"{r:.2f}x with {isa.upper()} kernels" for isa, r in ratios.items())
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     block = "\n".join(
         [
@@ -315,7 +388,7 @@ def render(
             "",
             f"**Headline: {cpu_ratio:.2f}x** open_clip's training step throughput by CPU time "
             "per step (our engine on its default path, ZeRO-2 as `clipforge.train` builds it, "
-            "vs open_clip_train's step); "
+            f"vs open_clip_train's step; {headline}); "
             f"wall clock in this run: {ratio:.2f}x (best rounds, see the caveat below the "
             "table).",
             "",
@@ -343,12 +416,11 @@ def render(
             f"CPU seconds per training step, one thread, min of {CPU_REPEATS} interleaved "
             "repeats, both in one process (same batch; open_clip's step is what its trainer "
             "does per batch: forward, ClipLoss, backward, clip_grad_norm_, torch's default "
-            "AdamW):",
+            "AdamW). The 2-core AVX2 machines this must also hold on are stood in for by the "
+            "same process with every kernel library held to AVX2, where this machine has "
+            "AVX-512:",
             "",
-            "| step | CPU s | open_clip trainer step / this |",
-            "| --- | ---: | ---: |",
-            *cpu_rows,
-            "",
+            *(line for isa, cpu in cpus.items() for line in _cpu_table(isa.lower(), cpu)),
             "What the profile showed and what changed: (1) torch's AdamW runs with "
             "`fused=True` (one precompiled kernel; the default per-tensor loop, which "
             "open_clip's trainer uses on CPU, costs 5x the CPU time, and with 2 threads on a "
@@ -358,22 +430,39 @@ def render(
             "DeepSpeed's per-gradient reduction (a copy into its bucket, a division by the "
             "world size of 1, an all-reduce copied back over itself, a copy into the partition "
             "buffer: four passes over every gradient that each reproduced its input bit for "
-            "bit); with more ranks DeepSpeed's path is unchanged. What ZeRO-2 still adds alone: "
-            "flattening the gradients for its flat fp32 partition, fp64 copies for the "
-            "gradient norm, and copying the updated master back into the module. Our towers "
-            "themselves are cheaper too: timm's ViT and our text tower call fused "
-            "scaled-dot-product attention directly.",
+            "bit); with more ranks DeepSpeed's path is unchanged; (4) ZeRO-1/2's gradient norm, "
+            "at any world size, sums fp32 norms of 4096-element chunks in float64 instead of "
+            "converting every gradient to float64 first (~20 ms of the ~40 ms optimizer step "
+            "here; the 6.3M-element token embedding dominates), with the same accuracy "
+            "(~1e-8); (5) each tower runs its last block for the one token the loss reads "
+            "(the ViT's class token, the text's EOS): keys and values from every token, "
+            "attention, projection and MLP for one row (src/clipforge/model/pooled.py; the "
+            "same features and gradients, ~18 % fewer FLOPs, compare the first two rows). "
+            "What ZeRO-2 still adds alone: flattening the gradients for its flat fp32 "
+            "partition and copying the updated master back into the module. Our towers also "
+            "call fused scaled-dot-product attention directly.",
             "",
             "GPU: not measured — no GPU machine was lent to this session.",
             "",
-            f"Machine: {os.cpu_count()} CPUs, {platform.machine()}; torch {torch.__version__}. "
+            f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, {_cpu_model()}; "
+            f"torch {torch.__version__}. "
             "Reproduce: `.venv/bin/python -m pytest -q -s tests/bench/bench_train.py` "
             "(`BENCH_TRAIN_STEPS`, `BENCH_TRAIN_ROUNDS`, `BENCH_TRAIN_BATCH`, `BENCH_THREADS`, "
-            "`BENCH_TRAIN_ZERO`, `BENCH_TRAIN_CPU_REPEATS`).",
+            "`BENCH_TRAIN_ZERO`, `BENCH_TRAIN_CPU_REPEATS`, `BENCH_TRAIN_ISAS`).",
             "<!-- trainer:end -->",
         ]
     )
     return block, cpu_ratio
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def write_doc(block: str) -> None:
@@ -390,7 +479,8 @@ def test_trainer_faster_than_open_clip() -> None:
     block, ratio = render(measure(), measure_cpu())
     write_doc(block)
     print(block)
-    # Asserted on CPU time: wall-clock rounds on a shared machine can differ 10x by the minute.
+    # Asserted on CPU time: wall-clock rounds on a shared machine can differ 10x by the minute;
+    # on the slowest of the instruction sets measured.
     assert ratio >= TARGET, f"ours / open_clip = {ratio:.2f}x by CPU time, target {TARGET}x"
 
 

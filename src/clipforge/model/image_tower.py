@@ -36,14 +36,15 @@ class ImageTower(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.proj = proj
-        self.class_token_only = pools_class_token(trunk)
+        # False runs timm's full forward (tests and the bench compare the two).
+        self.last_block_pooled_only = pools_class_token(trunk)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Pass through to timm, which checkpoints block by block."""
         self.trunk.set_grad_checkpointing(enable)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if self.class_token_only:
+        if self.last_block_pooled_only:
             return self.proj(_class_token_forward(self.trunk, image))
         return self.proj(self.trunk(image))
 

@@ -110,6 +110,8 @@ class TextTower(nn.Module):
         # Bias-free, like open_clip's text_projection parameter (stored transposed here).
         self.text_projection = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpointing = False
+        # False: every position through the last block, as forward_hidden (for comparisons).
+        self.last_block_pooled_only = True
         self.init_parameters()
 
     def init_parameters(self) -> None:
@@ -161,11 +163,10 @@ class TextTower(nn.Module):
         Equal to forward_hidden at EOS, but the last block computes the EOS row only."""
         # clamp: an all-pad row (never produced by the tokenizer) pools position 0, not -1.
         eos = ((tokens != 0).sum(-1) - 1).clamp(min=0)
+        if not self.last_block_pooled_only or len(self.resblocks) == 0:
+            rows = torch.arange(tokens.shape[0], device=tokens.device)
+            return self.text_projection(self.forward_hidden(tokens)[rows, eos])
         x = self._embed(tokens)
-        if len(self.resblocks) == 0:
-            return self.text_projection(
-                self.ln_final(x[torch.arange(x.shape[0], device=x.device), eos])
-            )
         *blocks, last = self.resblocks
         for block in blocks:
             x = self._call(block, x)
