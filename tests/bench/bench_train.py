@@ -66,6 +66,8 @@ FWD_BWD_ROW = "clipforge: forward + backward"
 FULL_ROW = "clipforge: forward + backward, every token through the last blocks (as open_clip)"
 OC_ROW = "open_clip: trainer step (+ clip, default AdamW)"
 OC_FWD_BWD_ROW = "open_clip: forward + backward"
+OURS_STEP_ALONE = "ours, step alone"  # not table rows: DeepSpeed's step() inside DEFAULT_ROW
+THEIR_STEP_ALONE = "theirs, step alone"  # and clip_grad_norm_ + AdamW inside OC_ROW
 # The CPU-time table is measured on this machine's own instruction set and, where that is
 # AVX-512, again with torch's kernels, MKL and oneDNN held to AVX2: the slower 2-core AVX2
 # machines this bench must also pass on (BENCH_TRAIN_ISAS="native" skips the second).
@@ -254,6 +256,17 @@ def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
     sync = default.cfg.train.log_every  # the loop reads metrics back at logging steps only
     counter = iter(range(1, 10**9))
     steps[DEFAULT_ROW] = lambda: default.train_step(batch, sync=next(counter) % sync == 0)
+    # The optimizer step alone on each side, timed inside the full steps above (a difference
+    # of two rows' minima would carry both rows' noise).
+    alone: dict[str, list[float]] = {OURS_STEP_ALONE: [], THEIR_STEP_ALONE: []}
+    ds_step = default.ds.step
+
+    def timed_ds_step(*args, **kwargs):
+        t0 = time.process_time()
+        ds_step(*args, **kwargs)
+        alone[OURS_STEP_ALONE].append(time.process_time() - t0)
+
+    default.ds.step = timed_ds_step
 
     theirs = open_clip.create_model(f"local-dir:{model_dir}")
     theirs.output_dict = True
@@ -267,8 +280,10 @@ def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
 
     def oc_step() -> None:  # open_clip_train's step: default AdamW, clip_grad_norm_
         oc_fwd_bwd()
+        t0 = time.process_time()
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), CLIP)
         their_opt.step()
+        alone[THEIR_STEP_ALONE].append(time.process_time() - t0)
 
     steps[OC_FWD_BWD_ROW] = oc_fwd_bwd
     steps[OC_ROW] = oc_step
@@ -278,7 +293,7 @@ def _cpu_worker(rank: int, world: int, model_dir: str) -> dict[str, float]:
             t0 = time.process_time()
             fn()
             times[name].append(time.process_time() - t0)
-    return {k: min(v) for k, v in times.items()}
+    return {k: min(v) for k, v in {**times, **alone}.items()}
 
 
 def default_engine():
@@ -341,9 +356,9 @@ def measure_cpu() -> dict[str, dict[str, float]]:
 
 
 def _cpu_table(isa: str, cpu: dict[str, float]) -> list[str]:
+    cpu = dict(cpu)
+    ours_alone, theirs_alone = cpu.pop(OURS_STEP_ALONE), cpu.pop(THEIR_STEP_ALONE)
     their_step = cpu[OC_ROW]
-    ours_extra = cpu[DEFAULT_ROW] - cpu[FWD_BWD_ROW]
-    their_extra = their_step - cpu[OC_FWD_BWD_ROW]
     label = (
         "this machine's own"
         if isa == NATIVE
@@ -357,8 +372,9 @@ def _cpu_table(isa: str, cpu: dict[str, float]) -> list[str]:
         "| --- | ---: | ---: |",
         *(f"| {name} | {t:.3f} | {their_step / t:.2f}x |" for name, t in cpu.items()),
         "",
-        f"What the step adds to forward + backward: ours (default path) {ours_extra:.3f} s, "
-        f"open_clip's trainer (clip_grad_norm_ + AdamW) {their_extra:.3f} s.",
+        "The optimizer step alone, timed inside those steps: ours (the default path's "
+        f"DeepSpeed ZeRO-2 step: norm, clip, fused AdamW, flat-buffer copies) {ours_alone:.3f} s, "
+        f"open_clip's trainer (clip_grad_norm_ + AdamW) {theirs_alone:.3f} s.",
         "",
     ]
 
@@ -410,15 +426,16 @@ def render(
             f"| {theirs_c:.1f} | 1.00x |",
             "",
             f"All rounds (samples/s): {per_round}. Load average (1, 5, 15 min) at the end: "
-            f"{load}; on this shared machine a step takes 0.45-0.55 s when it is quiet and up "
-            "to 10x that when other jobs take the cores, so compare rows of one run only.",
+            f"{load}; our best step took {BATCH / ours:.2f} s here, and other jobs on a shared "
+            "machine can make a step up to 10x slower, so compare rows of one run only.",
             "",
             f"CPU seconds per training step, one thread, min of {CPU_REPEATS} interleaved "
             "repeats, both in one process (same batch; open_clip's step is what its trainer "
             "does per batch: forward, ClipLoss, backward, clip_grad_norm_, torch's default "
             "AdamW). The 2-core AVX2 machines this must also hold on are stood in for by the "
             "same process with every kernel library held to AVX2, where this machine has "
-            "AVX-512:",
+            "AVX-512 (the instruction set only: not another machine's caches, memory or "
+            "MKL's code paths on AMD processors):",
             "",
             *(line for isa, cpu in cpus.items() for line in _cpu_table(isa.lower(), cpu)),
             "What the profile showed and what changed: (1) torch's AdamW runs with "
