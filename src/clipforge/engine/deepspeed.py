@@ -253,10 +253,9 @@ def _grad_norm_without_fp64_copies(optimizer: Any) -> bool:
             if not getattr(p, "ds_pipe_replicated", False)
             and (is_model_parallel_parameter(p) or optimizer.model_parallel_rank == 0)
         ]
+        # On the training device: the data-parallel group's backend is NCCL on GPUs.
         total = sum_of_squares(counted).float().to(optimizer.device)
-        deepspeed.comm.all_reduce(
-            total, op=deepspeed.comm.ReduceOp.SUM, group=optimizer.dp_process_group
-        )
+        dist.sum_over_group_(total, optimizer.dp_process_group)
         optimizer._model_parallel_all_reduce(tensor=total, op=deepspeed.comm.ReduceOp.SUM)
         total = total.sqrt()
         mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)

@@ -134,6 +134,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def sum_over_group_(value: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum `value` in place over `group`'s ranks (None: the default group) and return it; a
+    tensor on the device that group's backend takes. For groups someone else built, such as
+    DeepSpeed's data-parallel group (engine/deepspeed.py's gradient norm)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
 def barrier() -> None:
     """Wait for every rank (host side: no device stream is involved)."""
     if dist.is_initialized():

@@ -20,10 +20,9 @@ from timm.layers import AttentionPool2d, PatchDropout, RotAttentionPool2d, trunc
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from clipforge.config import ImageTowerConfig
-from clipforge.model.pooled import attend_one
+from clipforge.model.pooled import attend_one, maybe_checkpoint
 
 
 class ImageTower(nn.Module):
@@ -73,14 +72,8 @@ def _class_token_forward(trunk: VisionTransformer, image: torch.Tensor) -> torch
     x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(image))))
     *blocks, last = trunk.blocks
     for block in blocks:
-        if trunk.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, use_reentrant=False)
-        else:
-            x = block(x)
-    if trunk.grad_checkpointing and torch.is_grad_enabled():
-        x = checkpoint(_last_block_class_token, last, x, use_reentrant=False)
-    else:
-        x = _last_block_class_token(last, x)
+        x = maybe_checkpoint(trunk.grad_checkpointing, block, x)
+    x = maybe_checkpoint(trunk.grad_checkpointing, _last_block_class_token, last, x)
     x = trunk.norm(x)[:, 0]
     return trunk.head(trunk.head_drop(trunk.fc_norm(x)))
 
@@ -96,7 +89,8 @@ def _last_block_class_token(block: Block, x: torch.Tensor) -> torch.Tensor:
         q_norm=attn.q_norm,
         k_norm=attn.k_norm,
     )
-    out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+    norm = getattr(attn, "norm", None)  # timm's scale_norm (absent from older timm)
+    out = attn.proj_drop(attn.proj(out if norm is None else norm(out)))
     x = x[:, :1] + block.drop_path1(block.ls1(out))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 

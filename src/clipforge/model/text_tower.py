@@ -13,14 +13,11 @@ not rely on EOS having the largest id, as open_clip's `argmax` pooling does.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from clipforge.model.pooled import attend_one, key_mask
+from clipforge.model.pooled import attend_one, key_mask, maybe_checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -144,17 +141,11 @@ class TextTower(nn.Module):
             )
         return self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
 
-    def _call(self, fn: Any, *args: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            # use_reentrant=False: works when inputs need no grad and with ZeRO-3 hooks.
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> final-LayerNorm hidden states [B, L, width] (all positions)."""
         x = self._embed(tokens)
         for block in self.resblocks:
-            x = self._call(block, x)
+            x = maybe_checkpoint(self.grad_checkpointing, block, x)
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -169,5 +160,7 @@ class TextTower(nn.Module):
         x = self._embed(tokens)
         *blocks, last = self.resblocks
         for block in blocks:
-            x = self._call(block, x)
-        return self.text_projection(self.ln_final(self._call(last.forward_at, x, eos)))
+            x = maybe_checkpoint(self.grad_checkpointing, block, x)
+        return self.text_projection(
+            self.ln_final(maybe_checkpoint(self.grad_checkpointing, last.forward_at, x, eos))
+        )
